@@ -1,0 +1,106 @@
+"""stein_2019 — tisagenlecleucel effector/memory cellular kinetic model.
+
+Reference
+    Stein AM, Grupp SA, Levine JE, et al. Tisagenlecleucel model-based cellular
+    kinetic analysis of chimeric antigen receptor-T cells. CPT Pharmacometrics
+    Syst Pharmacol. 2019;8(5):285-295. doi:10.1002/psp4.12388
+
+Population
+    90 paediatric and young-adult patients with relapsed/refractory B-ALL
+    (ELIANA and ENSIGN), age 3-25 years, weight 14-140 kg; median dose 3.1e6
+    CAR+ cells/kg (<= 50 kg) or 1.0e8 cells (> 50 kg).
+
+Structure and units (time in days, levels in transgene copies/µg genomic DNA)
+    E: effector CAR cells expand at rho = ln(fold)/Tmax from R0 = Cmax/fold at
+       day 0 until Tmax.
+    At Tmax the pool splits: a fraction FB becomes memory M; effector E keeps
+       the rest.
+    After Tmax: dE/dt = -alpha E, dM/dt = -beta M.
+    Observable car_copies = E + M, which equals the paper's closed form
+       C(t) = R0 exp(rho t)                                     t < Tmax
+       C(t) = Cmax[(1-FB) e^{-alpha(t-Tmax)} + FB e^{-beta(t-Tmax)}]  t >= Tmax.
+
+Values (Stein 2019 Table 1, final model = base model)
+    fold 3900, Tmax 9.3 d, Cmax 24,000 copies/µg, alpha 0.16 /d, FB 0.0079,
+    beta 0.0032 /d. Between-subject variances on the log scale (omega^2):
+    fold 2.4, Tmax 0.38, Cmax 0.65, alpha 0.91, FB 0.8, beta 0.86; entered
+    here as omega = sqrt(omega^2). Log-scale residual error 0.56 (used by the
+    fitting module, not by simulation).
+
+Assumptions and deviations
+    * Solved as an ODE with an exact restart at Tmax (integrate to Tmax, apply
+      the E -> (E, M) split, continue), so gradients with respect to Tmax are
+      exact up to solver tolerance. The paper writes the closed form.
+    * Dose does not enter the model (as in the paper): a regimen only fixes
+      day 0. The covariate effects of tocilizumab and corticosteroids
+      (Table 1: Ftoci 1.2, Fster 1.0) are not included.
+    * FB's variability is put on the logit scale here (the paper: log scale),
+      so sampled fractions stay inside (0, 1); with omega 0.89 at FB = 0.0079
+      the two are nearly identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from carkin.kinetics import WEIGHT, Model, Observable, Parameter, SolverSettings, State
+
+TABLE1 = "Stein et al. 2019, CPT:PSP 8:285, Table 1"
+
+
+@dataclass(frozen=True)
+class Stein2019(Model):
+    name = "stein_2019"
+    title = "Tisagenlecleucel expansion/contraction/persistence (Stein et al. 2019), empirical, dose-independent"
+    states = (
+        State("E", "copies/µg gDNA", "effector CAR transgene level"),
+        State("M", "copies/µg gDNA", "memory CAR transgene level"),
+    )
+    parameters = (
+        Parameter("fold", 3900.0, "1", "fold expansion from day 0 to Tmax", TABLE1, math.sqrt(2.4)),
+        Parameter("tmax", 9.3, "day", "time of peak expansion", TABLE1, math.sqrt(0.38)),
+        Parameter("cmax", 24000.0, "copies/µg gDNA", "peak transgene level", TABLE1, math.sqrt(0.65)),
+        Parameter("alpha", 0.16, "1/day", "effector contraction rate", TABLE1, math.sqrt(0.91)),
+        Parameter("fb", 0.0079, "1", "fraction of the peak entering the memory pool", TABLE1,
+                  math.sqrt(0.8), kind="fraction"),
+        Parameter("beta", 0.0032, "1/day", "memory (persistence) decline rate", TABLE1, math.sqrt(0.86)),
+    )
+    observables = (Observable("car_copies", "copies/µg gDNA", "CAR transgene level in blood"),)
+    covariates = (WEIGHT,)
+    has_switch = True
+    solver = SolverSettings(rtol=1e-10, atol=1e-8, solver="Tsit5", max_steps=4096, dt0=0.01)
+
+    def initial_state(self, p, cov):
+        return jnp.stack([p["cmax"] / p["fold"], 0.0 * p["cmax"]])
+
+    def vector_field(self, t, y, p, cov, phase):
+        rho = jnp.log(p["fold"]) / p["tmax"]
+        e, m = y[0], y[1]
+        de = jnp.where(phase == 0, rho * e, -p["alpha"] * e)
+        dm = jnp.where(phase == 0, 0.0 * m, -p["beta"] * m)
+        return jnp.stack([de, dm])
+
+    def switch_time(self, p):
+        return p["tmax"]
+
+    def on_switch(self, y, p, cov):
+        return jnp.stack([(1 - p["fb"]) * y[0], y[1] + p["fb"] * y[0]])
+
+    def observe(self, y, p, cov):
+        return {"car_copies": y[..., 0] + y[..., 1]}
+
+    @staticmethod
+    def closed_form(t, p):
+        """The paper's closed form, for tests and reference."""
+        rho = math.log(p["fold"]) / p["tmax"]
+        r0 = p["cmax"] / p["fold"]
+        t = jnp.asarray(t, float)
+        late = p["cmax"] * ((1 - p["fb"]) * jnp.exp(-p["alpha"] * (t - p["tmax"]))
+                            + p["fb"] * jnp.exp(-p["beta"] * (t - p["tmax"])))
+        return jnp.where(t < p["tmax"], r0 * jnp.exp(rho * t), late)
+
+
+MODEL = Stein2019
