@@ -95,7 +95,7 @@ class Stein2019(Model):
     @staticmethod
     def closed_form(t, p):
         """The paper's closed form, for tests and reference."""
-        rho = math.log(p["fold"]) / p["tmax"]
+        rho = jnp.log(p["fold"]) / p["tmax"]
         r0 = p["cmax"] / p["fold"]
         t = jnp.asarray(t, float)
         late = p["cmax"] * ((1 - p["fb"]) * jnp.exp(-p["alpha"] * (t - p["tmax"]))

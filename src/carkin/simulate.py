@@ -35,14 +35,15 @@ def parse_times(times) -> np.ndarray:
         try:
             if ":" in s:
                 start, stop, step = (float(x) for x in s.split(":"))
-                if step <= 0:
+                if step <= 0 or stop < start:
                     raise ValueError
                 grid = np.arange(start, stop + step / 2, step)
             else:
                 grid = np.array([float(x) for x in s.split(",") if x.strip()])
         except ValueError:
             raise ValueError(
-                f"cannot read times {times!r}: give 'start:stop:step' (e.g. 0:90:1) or a comma list "
+                f"cannot read times {times!r}: give 'start:stop:step' with start <= stop and step > 0 "
+                "(e.g. 0:90:1) or an increasing comma list "
                 "(e.g. 0,1,4,7,14,28)"
             ) from None
     else:
@@ -138,8 +139,11 @@ def simulate(
     for j, c in enumerate(model.covariates):
         if c.name in covariates:
             v = _per_subject(c.name, covariates[c.name], n)
-            if np.any(~np.isfinite(v)) or np.any(v <= 0) and c.name == "WT":
-                raise ValueError(f"covariate {c.name}: values must be finite (and weight > 0), got {v[:5]}...")
+            if not np.all(np.isfinite(v) & (v > 0)):
+                raise ValueError(
+                    f"covariate {c.name} ({c.description}, {c.unit}): values must be finite and > 0, "
+                    f"got {v[~(np.isfinite(v) & (v > 0))][:5]}"
+                )
             cov_given[:, j], cov_mask[j] = v, True
     par_given = np.zeros((n, len(pnames)))
     par_mask = np.zeros(len(pnames), bool)
