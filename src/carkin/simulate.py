@@ -55,7 +55,7 @@ def parse_times(times) -> np.ndarray:
     return grid
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chunk_solver(model: Model, variability: bool, rtol, atol):
     """Compiled solve of one chunk of subjects. ``model`` here is a template with
     default values, so changing typical values never recompiles."""
