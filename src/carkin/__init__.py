@@ -4,9 +4,28 @@ Importing carkin switches JAX to 64-bit floats: cellular kinetics span eight
 orders of magnitude and the reference tests hold to 1e-6.
 """
 
+import os
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+
+def _use_all_cpu_cores() -> None:
+    """Expose each CPU core as a JAX device so simulate can split populations over them.
+
+    Only possible before JAX has started its backends; set CARKIN_CPU_DEVICES to
+    choose the number (1 turns this off)."""
+    n = int(os.environ.get("CARKIN_CPU_DEVICES", os.cpu_count() or 1))
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already initialised by the caller: keep theirs
+        pass
+
+
+_use_all_cpu_cores()
 
 from carkin.dosing import Regimen, custom, single, split  # noqa: E402
 from carkin.kinetics import Covariate, Model, Observable, Parameter, State  # noqa: E402
