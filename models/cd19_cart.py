@@ -1,0 +1,280 @@
+"""cd19_cart — mechanistic CD19 CAR-T model in B-ALL: effector and memory CAR cells, leukaemia, normal B cells.
+
+References
+    [LT] León-Triana O, Sabir S, Calvo GF, Belmonte-Beitia J, Chulián S,
+         Martínez-Rubio Á, Rosa M, Pérez-Martínez A, Ramírez-Orellana M,
+         Pérez-García VM. CAR T cell therapy in B-cell acute lymphoblastic
+         leukaemia: insights from mathematical models. Commun Nonlinear Sci
+         Numer Simul. 2021;94:105570. doi:10.1016/j.cnsns.2020.105570
+         CAR T cells C, leukaemic cells L and normal B cells B as whole-body
+         cell numbers; the reduced model (eqs. 4, BioModels BIOMD0000001011):
+             dC/dt = rho_C (L + B) C - C / tau_C
+             dL/dt = rho_L L - alpha L C
+             dB/dt = -alpha B C - B / tau_B
+         with alpha = 4.5e-11 /(cell day), rho_C = alpha/4, tau_C = 14 d,
+         rho_L = 1/30 /d, tau_B = 60 d; the fuller model (eqs. 3,
+         BIOMD0000001012) adds a B-cell progenitor input to B.
+    [KI] Kimmel GJ, Locke FL, Altrock PM. The roles of T cell competition and
+         stochastic extinction events in chimeric antigen receptor T cell
+         therapy. Proc R Soc B. 2021;288:20210229. doi:10.1098/rspb.2021.0229
+         (BioModels BIOMD0000001041). Blood counts in cells/µL; a CAR T
+         density limit shared with normal T cells (CAR carrying capacity 139
+         cells/µL for axi-cel); tumour killing saturating in CAR T cells,
+         gamma_B B C / (k_B + C), gamma_B = 1.15 /d, k_B = 4.05 cells/µL;
+         0.36 CAR T cells/µL at day 0.
+    [ST] Stein AM et al. CPT Pharmacometrics Syst Pharmacol. 2019;8:285-295:
+         tisagenlecleucel typical Tmax 9.3 d, Cmax 24,000 copies/µg, fold
+         expansion 3900, contraction alpha 0.16 /d, fraction to memory FB
+         0.0079, persistence beta 0.0032 /d; log-SD of Cmax 0.81.
+    [LB] Kymriah (tisagenlecleucel) US label, paediatric/young-adult r/r
+         B-ALL responders: geometric-mean Cmax 34,700 copies/µg (CV 155%),
+         median Tmax 9.9 d, AUC0-28 318,000 copies/µg·d.
+    [WP] Westermann J, Pabst R. Distribution of lymphocyte subsets and
+         natural killer cells in the human body. Clin Investig.
+         1992;70:539-544 (about 2% of the body's lymphocytes are in blood).
+    [MO] Morbach H et al. Reference values for B cell subpopulations from
+         infancy to adulthood. Clin Exp Immunol. 2010;162:271-279 (adult
+         CD19+ B cells of the order of 100-500 cells/µL).
+
+Population
+    Adults (18-65 y) with relapsed/refractory CD19+ B-cell acute lymphoblastic
+    leukaemia receiving an autologous CD19 CAR-T product after lymphodepletion
+    (protocol NCT02186860). Kinetics are calibrated to tisagenlecleucel
+    [ST, LB], whose data are paediatric and young-adult: no adult CD19 CAR-T
+    ALL kinetic model was available to calibrate against.
+
+States (blood-equivalent cells/µL; time in days; day 0 = first infusion)
+    E   effector CAR T cells in blood
+    M   memory CAR T cells in blood (long-lived: tisagenlecleucel persists
+        for months to years)
+    L   CD19+ leukaemic blasts: whole-body leukaemic burden divided by blood
+        volume ("blood-equivalent"), so L_max ~ 1e12 cells / 5 L
+    Bn  normal CD19+ B cells in blood (the measured count)
+    The antigen seen by CAR cells is A = L + w_B Bn, where w_B turns the
+    blood B count into the whole-body CD19+ B-lineage pool (lymphoid tissue
+    and marrow precursors) on the same blood-equivalent scale as L.
+
+Equations (x+ = max(x, 0))
+    C = E + M                                        total CAR cells
+    A = L + w_B Bn                                   CD19 antigen load
+    h = k_kill C+ / (K_E + C+ + A+/eta)              per-target kill hazard
+    dE/dt  = rho_E A^2/(A^2 + K_A^2) (1 - C/K_CAR) E+ - (d_E + k_EM) E
+    dM/dt  = k_EM E+ - d_M M
+    dL/dt  = rho_L L+ (1 - L/L_max) - h L
+    dBn/dt = d_B Bn_norm (1 - L/L_max)+ - d_B Bn - h Bn
+    Every loss term is proportional to its own state and every gain term
+    vanishes when its state is zero, so the flow keeps states non-negative.
+    The positive parts only matter for solver round-off below zero (bounded
+    by the absolute tolerance, about 4 x atol in L): such an excursion then
+    decays back to zero instead of growing.
+    Dose: an infusion of N cells adds N f_inf / (70 mL/kg x WT x 1000 µL/mL)
+    to E (so a per-kg dose gives the same E whatever the weight).
+    Initial state: E = M = 0, L = L_max min(BLAST, 100)/100, Bn = BCELL.
+
+Observables (positive parts of the states)
+    car_cells  = E + M                                      CAR+ cells/µL
+    car_copies = (E + M) / leukocytes x VCN x 151,500       copies/µg gDNA
+                 leukocytes = WBC + E + M + phi_L L (nucleated blood cells);
+                 151,500 diploid genomes per µg gDNA (6.6 pg per genome)
+    b_cells    = Bn                                         normal B cells/µL
+    blasts     = 100 L / L_max                              marrow blast %
+    cd19_cells = Bn + phi_L L                               CD19+ cells/µL in blood
+
+Typical subject (60 kg, BLAST 50%, BCELL 100/µL) at 2e6 cells/kg single
+    Tmax 10 d, Cmax 34,500 copies/µg (~390 CAR cells/µL), AUC0-28 290,000
+    copies/µg·d; day 14-28 decline 0.18 /d; 0.4% of Cmax (~150 copies/µg,
+    mostly memory) from month 3, declining slowly; blood B cells below 20
+    cells/µL (aplasia) from day 8 to beyond one year; blasts < 0.02% by day
+    14. Dose dependence is weak (Cmax 34,000-36,000 copies/µg over 1e6-1e8
+    /kg; Tmax 11 -> 6 d); antigen dependence is strong: at MRD-level disease
+    (BLAST 0.01%) Cmax is ~1,350 copies/µg, driven by normal B cells alone.
+    Population (1000 subjects, default omegas and covariates): log-SD of
+    Cmax ~0.9 (label CV 155% ~ 1.1; [ST] 0.81); ~3% fail to contract (day-90
+    level > 10% of Cmax); B-cell aplasia in ~85% at 3 months, ~75% at 1 year;
+    every virtual subject clears blasts below 5% by day 28 (no CD19-negative
+    escape and no primary T-cell failure in the model, so response and
+    relapse rates are not realistic outputs).
+
+Assumptions
+    * Blood counts stand for the whole CAR pool: tissue CAR cells and the
+      blood-to-tissue ratio are absorbed into f_inf, eta and k_kill.
+    * Memory cells kill (they keep B cells aplastic late on) but do not
+      proliferate; effectors become memory at a constant rate.
+    * Antigen drives expansion with a Hill coefficient of 2: with a
+      hyperbolic (n = 1) drive the few B cells left under CAR pressure kept
+      ~16% of virtual subjects from contracting at all.
+    * Normal B-cell production falls with marrow occupancy by blasts; it is
+      not suppressed by CAR cells themselves (killing of CD19+ precursors is
+      in the antigen pool through w_B).
+    * Lymphodepletion is not modelled: WBC is a constant post-lymphodepletion
+      leukocyte count, and there is no cytokine-driven homeostatic expansion
+      (which [KI] emphasises; it would raise expansion at low burden).
+    * No CD19-negative clone (no antigen-escape relapse), no CRS, no
+      exhaustion; CD19+ relapse happens only when CAR killing falls below
+      leukaemic growth.
+
+Deviations from the papers
+    * [LT]'s mass-action expansion rho_C (L+B) C is replaced by expansion
+      saturating in antigen (Hill 2, K_A) with a density limit (1 - C/K_CAR)
+      in the spirit of [KI]'s carrying capacity.
+    * [LT]'s single CAR pool (lifetime tau_C) is split into effector and
+      memory pools after [ST].
+    * [LT]'s mass-action killing alpha X C is replaced by a
+      Beddington-DeAngelis response: saturating in CAR cells as in [KI]
+      (k_kill, K_E) and limited by the effector:target ratio at high antigen
+      load (eta). Every rate stays of order 1 /day (1.15 /day at typical
+      values), so the model is mildly stiff at most.
+    * Leukaemia grows logistically (rate rho_L of [LT]) towards full marrow
+      replacement L_max rather than exponentially.
+    * Normal B cells have a marrow production term (cf. [LT]'s progenitor
+      input, BIOMD0000001012; here a constant source reduced by marrow
+      crowding), so B cells recover once CAR cells are gone.
+    * Units are blood-equivalent cells/µL rather than whole-body numbers, so
+      [LT]'s per-cell rate constants are not used.
+    * [KI]'s killing constants were fitted to axi-cel in large B-cell
+      lymphoma; they are used here for CD19 CAR-T in B-ALL.
+
+Solver
+    Tsit5, rtol 1e-6, atol 1e-5 cells/µL (chosen by measurement). Virtual
+    populations of 1000 at 1e6-1e8 /kg take a mean of 86-97 steps (max 142)
+    over 0-90 d and 126-138 (max 243) over 0-365 d; atol 1e-4 saves ~13% of
+    the steps, atol 1e-6 costs ~10% more. The most steps go to subjects with
+    strong persistent killing (hazard ~2 /day on a vanished leukaemia),
+    where the explicit solver is stability-limited.
+
+Sources of values: each Parameter's ``source``. "calibrated" means chosen by
+simulating the typical subject to reproduce [ST]/[LB] tisagenlecleucel
+kinetics. Omegas (log-scale SDs; logit scale for fractions) are assumptions,
+0.3-0.6 for most; the expansion rate's is 0.15 because it acts
+exponentially (with the other omegas and covariates the log-SD of Cmax is
+already ~0.9); 0 for scale constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from carkin.kinetics import WEIGHT, Covariate, Model, Observable, Parameter, SolverSettings, State
+
+BLOOD_ML_PER_KG = 70.0  # adult blood volume, mL/kg
+UL_PER_ML = 1000.0
+CELLS_PER_UG_DNA = 151_500.0  # diploid genomes per µg genomic DNA (6.6 pg each)
+
+LT = "León-Triana et al. 2021, CNSNS 94:105570 (BIOMD0000001011)"
+KI = "Kimmel et al. 2021, Proc R Soc B 288:20210229 (BIOMD0000001041)"
+ST = "Stein et al. 2019, CPT:PSP 8:285, Table 1"
+CAL = "calibrated: typical adult at 2e6 /kg reproduces tisagenlecleucel kinetics (Stein 2019; Kymriah label)"
+
+
+@dataclass(frozen=True)
+class CD19CART(Model):
+    name = "cd19_cart"
+    title = ("CD19 CAR-T in B-ALL: effector/memory CAR, leukaemia, normal B cells "
+             "(after León-Triana 2021, Kimmel 2021), dose- and antigen-dependent")
+    states = (
+        State("E", "cells/µL", "effector CAR T cells in blood"),
+        State("M", "cells/µL", "memory CAR T cells in blood"),
+        State("L", "cells/µL", "CD19+ leukaemic blasts, whole-body burden per µL blood (blood-equivalent)"),
+        State("Bn", "cells/µL", "normal CD19+ B cells in blood"),
+    )
+    parameters = (
+        Parameter("rho_e", 1.05, "1/day", "maximal antigen-driven proliferation rate of effector CAR cells",
+                  CAL + "; rho_e - d_e = 0.85/d vs ln(fold)/Tmax = ln(3900)/9.3 = 0.89/d in Stein 2019", 0.15),
+        Parameter("k_a", 3000.0, "cells/µL", "antigen load (blood-equivalent) giving half-maximal expansion",
+                  CAL + "; assumption: Hill-2 drive replacing León-Triana's unsaturated rho_C (L+B)", 0.5),
+        Parameter("k_car", 1000.0, "cells/µL", "density limit on total CAR cells in blood",
+                  "assumption: above the typical peak (~390 CAR cells/µL); Kimmel 2021 fitted "
+                  "139 cells/µL for axi-cel in a Gompertz form shared with normal T cells", 0.3),
+        Parameter("d_e", 0.2, "1/day", "effector death/contraction rate",
+                  CAL + ": with residual normal-B stimulation the day 14-28 decline is 0.18/d (Stein alpha 0.16/d)",
+                  0.4),
+        Parameter("k_em", 6e-4, "1/day", "effector-to-memory differentiation rate",
+                  CAL + ": late level ~0.4% of the peak, cf. Stein FB = 0.0079", 0.6),
+        Parameter("d_m", 0.0032, "1/day", "memory CAR cell loss rate (persistence)", ST + " (beta)", 0.5),
+        Parameter("f_inf", 0.01, "1", "fraction of infused cells circulating in blood after distribution",
+                  "assumption: gives 0.29 CAR cells/µL at 2e6 /kg, cf. 0.36 cells/µL at day 0 in " + KI,
+                  0.5, kind="fraction"),
+        Parameter("k_kill", 1.15, "1/day", "maximal per-target kill hazard by CAR cells",
+                  KI + " (gamma_B)", 0.3),
+        Parameter("k_e", 4.05, "cells/µL", "CAR density giving half-maximal kill hazard", KI + " (k_B)", 0.0),
+        Parameter("eta", 1000.0, "1", "targets per CAR cell at which killing becomes ratio-limited "
+                  "(blood-equivalent targets per blood CAR cell)",
+                  CAL + "; assumption: blasts cleared within ~2 weeks, as in responders", 0.4),
+        Parameter("rho_l", 1.0 / 30.0, "1/day", "leukaemic blast growth rate", LT + " (rho_L)", 0.4),
+        Parameter("l_max", 2.0e5, "cells/µL", "leukaemic burden at full marrow replacement (blood-equivalent)",
+                  "assumption: ~1e12 leukaemic cells over ~5 L blood", 0.0),
+        Parameter("d_b", 1.0 / 60.0, "1/day", "normal B-cell turnover rate (1/lifetime)", LT + " (tau_B = 60 d)",
+                  0.3),
+        Parameter("bn_norm", 200.0, "cells/µL", "blood B-cell count with a healthy marrow and no CAR cells",
+                  "adult CD19+ reference range ~100-500 cells/µL (Morbach et al. 2010)", 0.3),
+        Parameter("w_b", 100.0, "1", "whole-body CD19+ B-lineage pool per blood B cell",
+                  "~2% of lymphocytes are in blood (Westermann & Pabst 1992) -> 50; assumption: x2 for "
+                  "CD19+ B precursors in marrow", 0.3),
+        Parameter("phi_l", 0.01, "1", "circulating blasts per blood-equivalent leukaemic cell",
+                  "assumption: 1,000 blasts/µL in blood at 50% marrow blasts", 0.5, kind="fraction"),
+        Parameter("vcn", 2.0, "copies/cell", "vector copies per CAR+ cell",
+                  "assumption: lentiviral CAR products carry ~1-3 integrated copies per transduced cell", 0.3),
+        Parameter("wbc", 3000.0, "cells/µL", "non-CAR, non-blast blood leukocytes after lymphodepletion",
+                  "assumption: leukocytes in the weeks after fludarabine/cyclophosphamide, below the normal "
+                  "4,000-10,000/µL", 0.3),
+    )
+    observables = (
+        Observable("car_copies", "copies/µg gDNA", "CAR transgene level in blood"),
+        Observable("car_cells", "cells/µL", "CAR+ T cells in blood"),
+        Observable("b_cells", "cells/µL", "normal CD19+ B cells in blood"),
+        Observable("blasts", "%", "bone-marrow blast percentage"),
+        Observable("cd19_cells", "cells/µL", "all CD19+ cells in blood (normal B cells and circulating blasts)"),
+    )
+    covariates = (
+        WEIGHT,
+        Covariate("BLAST", "%", "bone-marrow blast percentage at infusion", typical=50.0, log_sd=1.0,
+                  bounds=(0.01, 95.0)),
+        Covariate("BCELL", "cells/µL", "normal CD19+ B cells in blood at infusion", typical=100.0, log_sd=0.8,
+                  bounds=(1.0, 1000.0)),
+    )
+    dose_state = "E"
+    solver = SolverSettings(rtol=1e-6, atol=1e-5, solver="Tsit5", max_steps=4096, dt0=0.01)
+
+    def initial_state(self, p, cov):
+        zero = 0.0 * p["l_max"]
+        blast = jnp.clip(cov["BLAST"], 0.0, 100.0) / 100.0
+        return jnp.stack([zero, zero, p["l_max"] * blast, cov["BCELL"] + zero])
+
+    def vector_field(self, t, y, p, cov, phase):
+        e, m, lk, b = y[0], y[1], y[2], y[3]
+        ep, lp = jnp.maximum(e, 0.0), jnp.maximum(lk, 0.0)
+        c = e + m
+        cp = jnp.maximum(c, 0.0)
+        a = lk + p["w_b"] * b
+        ap = jnp.maximum(a, 0.0)
+        a2 = ap * ap
+        stim = p["rho_e"] * a2 / (a2 + p["k_a"] * p["k_a"]) * (1.0 - c / p["k_car"])
+        hazard = p["k_kill"] * cp / (p["k_e"] + cp + ap / p["eta"])
+        de = stim * ep - (p["d_e"] + p["k_em"]) * e
+        dm = p["k_em"] * ep - p["d_m"] * m
+        dl = p["rho_l"] * lp * (1.0 - lk / p["l_max"]) - hazard * lk
+        room = jnp.maximum(1.0 - lk / p["l_max"], 0.0)
+        db = p["d_b"] * p["bn_norm"] * room - (p["d_b"] + hazard) * b
+        return jnp.stack([de, dm, dl, db])
+
+    def cells_to_state(self, p, cov):
+        return p["f_inf"] / (BLOOD_ML_PER_KG * cov["WT"] * UL_PER_ML)
+
+    def observe(self, y, p, cov):
+        pos = jnp.maximum(y, 0.0)
+        e, m, lk, b = pos[..., 0], pos[..., 1], pos[..., 2], pos[..., 3]
+        car = e + m
+        circulating = p["phi_l"] * lk
+        leukocytes = p["wbc"] + car + circulating
+        return {
+            "car_copies": car / leukocytes * p["vcn"] * CELLS_PER_UG_DNA,
+            "car_cells": car,
+            "b_cells": b,
+            "blasts": 100.0 * lk / p["l_max"],
+            "cd19_cells": b + circulating,
+        }
+
+
+MODEL = CD19CART
