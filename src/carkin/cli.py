@@ -1,0 +1,407 @@
+"""The ``carkin`` command line: list models, simulate dose regimens, run NCA on a CSV.
+
+    carkin models
+    carkin simulate --model cd7_cart --dose 1e6,1e7 --schedule split --n-subjects 500 --out out/run.nc
+    carkin nca data.csv --id ID --time TIME --dv DV --out nca.csv
+
+User errors (bad numbers, unknown model, missing file or column) end with one
+line ``carkin: error: ...`` on stderr and exit status 2. Set CARKIN_DEBUG=1 to
+get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_FRACTIONS = "0.1,0.3,0.6"
+DEFAULT_DAYS = "0,1,2"
+DEFAULT_TIMES = "0:90:1"
+EXIT_USAGE = 2
+PROG = "carkin"
+
+
+class CliError(Exception):
+    """A user error with a message fit for one line on stderr."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors use the same one-line format as carkin's own."""
+
+    def error(self, message):
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+# --- small parsing helpers -------------------------------------------------------------------
+
+
+def _numbers(text: str, what: str, *, positive: bool = False, nonnegative: bool = False) -> list[float]:
+    items = [x.strip() for x in str(text).split(",")]
+    if not items or any(x == "" for x in items):
+        raise CliError(f"{what}: give a comma-separated list of numbers, got {text!r}")
+    out = []
+    for x in items:
+        try:
+            v = float(x)
+        except ValueError:
+            raise CliError(f"{what}: {x!r} is not a number") from None
+        if not math.isfinite(v):
+            raise CliError(f"{what}: {x!r} is not a finite number")
+        if positive and v <= 0:
+            raise CliError(f"{what}: values must be > 0, got {x}")
+        if nonnegative and v < 0:
+            raise CliError(f"{what}: values must be >= 0, got {x}")
+        out.append(v)
+    return out
+
+
+def _fmt(x) -> str:
+    """3 significant digits; thousands separators instead of exponents in the readable range."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return "n/a"
+    if x == 0 or 1e-2 <= abs(x) < 1e7:
+        return f"{float(f'{x:.3g}'):,.10g}"
+    return f"{x:.3g}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain aligned text table (first column left, the rest right-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(r):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def write_netcdf(ds, path) -> str:
+    """Write ``ds`` to ``path`` as netCDF4 (h5netcdf), creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(path, engine="h5netcdf")
+    return str(path)
+
+
+# --- subcommands --------------------------------------------------------------------------------
+
+
+def _cmd_models(args) -> int:
+    from carkin.library import list_models
+
+    models = list_models()
+    if not models:
+        print("no models found")
+        return 0
+    width = max(len(n) for n in models)
+    for name, title in models.items():
+        print(f"{name.ljust(width)}  {title}")
+    return 0
+
+
+def _load(name: str, product_type: str | None):
+    from carkin.library import load_model
+
+    options = {}
+    if product_type is not None:  # only models that know the option get it
+        options["product_type"] = product_type
+    try:
+        return load_model(name, **options)
+    except TypeError as e:
+        if product_type is not None and "product_type" in str(e):
+            raise CliError(f"model {name!r} takes no --product-type option") from None
+        raise
+
+
+def _regimens(args):
+    import carkin as ck
+
+    doses = _numbers(args.dose, "--dose (cells/kg)", positive=True)
+    if len(set(doses)) != len(doses):
+        raise CliError(f"--dose: dose levels must be distinct, got {args.dose!r}")
+    if args.schedule == "single":
+        if args.fractions is not None or args.days is not None:
+            raise CliError("--fractions and --days apply to --schedule split only")
+        return [ck.single(d) for d in doses]
+    fractions = _numbers(args.fractions or DEFAULT_FRACTIONS, "--fractions", nonnegative=True)
+    days = _numbers(args.days or DEFAULT_DAYS, "--days (days)", nonnegative=True)
+    if len(fractions) != len(days):
+        raise CliError(f"--fractions has {len(fractions)} values but --days has {len(days)}; give one fraction per day")
+    return [ck.split(d, fractions=tuple(fractions), days=tuple(days)) for d in doses]
+
+
+def _nca_frame(ds, variable: str):
+    """Per (regimen, subject) NCA endpoints as a DataFrame with dose and schedule columns."""
+    from carkin.nca import nca
+    from carkin.plots import regimen_info
+
+    res = nca(ds, variable=variable)
+    if "failed" in ds:
+        res = res.where(~ds["failed"].astype(bool))  # a failed solve has no trustworthy endpoints
+    df = res.to_dataframe().reset_index()
+    info = {r.label: r for r in regimen_info(ds)}
+    df.insert(1, "dose_per_kg", [info[str(x)].dose_per_kg for x in df["regimen"]])
+    df.insert(2, "schedule", [info[str(x)].schedule for x in df["regimen"]])
+    df.attrs["units"] = {k: res[k].attrs.get("units", "") for k in res.data_vars}
+    return df
+
+
+def _summary(df, population: bool) -> str:
+    units = df.attrs.get("units", {})
+    cols = [("cmax", "Cmax"), ("tmax", "Tmax"), ("auc_0_28", "AUC0-28")]
+    header = ["regimen"] + [f"{name} ({units.get(k, '')})" if units.get(k) else name for k, name in cols]
+    rows = []
+    for label, g in df.groupby("regimen", sort=False):
+        row = [label]
+        for k, _ in cols:
+            v = g[k].dropna()
+            if v.empty:
+                row.append("n/a")
+            elif population:
+                # Tmax lies on the output grid: nearest-rank percentiles keep it there
+                lo, med, hi = v.quantile([0.05, 0.5, 0.95], interpolation="nearest" if k == "tmax" else "linear")
+                row.append(f"{_fmt(med)} [{_fmt(lo)}-{_fmt(hi)}]")
+            else:
+                row.append(_fmt(v.iloc[0]))
+        rows.append(row)
+    return _table(rows, header)
+
+
+def _cmd_simulate(args) -> int:
+    import numpy as np
+
+    import carkin as ck
+    from carkin.simulate import parse_times
+
+    if args.n_subjects is not None and args.n_subjects < 1:
+        raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
+    if args.weight is not None and not (math.isfinite(args.weight) and args.weight > 0):
+        raise CliError(f"--weight must be a positive number of kg, got {args.weight:g}")
+    out = None
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix != ".nc":
+            raise CliError(f"--out must name a netCDF file ending in .nc, got {args.out!r}")
+        if out.exists() and out.is_dir():
+            raise CliError(f"--out {args.out!r} is a directory; give a file name ending in .nc")
+    model = _load(args.model, args.product_type)
+    regimens = _regimens(args)
+    times = parse_times(args.times)
+    variable = "car_copies" if any(o.name == "car_copies" for o in model.observables) else model.observables[0].name
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ck.SimulationWarning)
+        ds = ck.simulate(model, regimens, times=times, n_subjects=args.n_subjects, weight_kg=args.weight,
+                         seed=args.seed)
+    for w in caught:  # one readable line per warning instead of warnings' two-line format
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    elapsed = time.perf_counter() - t0
+    ds.attrs["history"] = "carkin simulate " + " ".join(args.argv)
+    population = args.n_subjects is not None
+    df = _nca_frame(ds, variable)
+
+    who = f"{args.n_subjects} virtual subjects" if population else "typical subject"
+    n_failed = int(np.asarray(ds["failed"]).sum())
+    print(f"{model.name}: {who}, {len(regimens)} regimen(s), days {times[0]:g}-{times[-1]:g} "
+          f"({times.size} times), simulated in {elapsed:.1f} s" + (f"; {n_failed} failed solve(s)" if n_failed else ""),
+          flush=True)
+    print(f"NCA of {variable}" + (": median [5th-95th percentile]" if population else ""))
+    print(_summary(df, population))
+
+    if out is not None:
+        from carkin.plots import plot_panel
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stem = out.with_suffix("")
+        csv = stem.parent / f"{stem.name}_nca.csv"
+        png = stem.parent / f"{stem.name}.png"
+        write_netcdf(ds, out)
+        df.to_csv(csv, index=False)
+        plot_panel(ds, path=png)
+        print(f"wrote {out}, {csv}, {png}")
+    return 0
+
+
+def _cmd_nca(args) -> int:
+    import pandas as pd
+
+    from carkin.nca import nca_long
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"no such file: {args.file}")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {args.file} as CSV: {e}") from None
+    wanted = {"--id": args.id, "--time": args.time, "--dv": args.dv, "--blq": args.blq, "--lloq-col": args.lloq_col}
+    missing = [f"{opt} {col!r}" for opt, col in wanted.items() if col is not None and col not in df.columns]
+    if missing:
+        raise CliError(f"{args.file} has no column {', '.join(missing)}; its columns are {list(df.columns)}")
+    for opt, col in (("--time", args.time), ("--dv", args.dv)):
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
+            raise CliError(f"{opt} column {col!r} must be numeric; first bad value {df[col][bad].iloc[0]!r}")
+    if args.lloq is not None and not (math.isfinite(args.lloq) and args.lloq >= 0):
+        raise CliError(f"--lloq must be a finite number >= 0, got {args.lloq:g}")
+
+    res = nca_long(df, id_col=args.id, time_col=args.time, dv_col=args.dv, blq_col=args.blq,
+                   lloq_col=args.lloq_col, lloq=args.lloq, method=args.method, partial_end=args.partial_end)
+    header = list(res.columns)
+    rows = [[str(r[c]) if c == args.id else _fmt(r[c]) for c in header] for _, r in res.iterrows()]
+    print(f"NCA of {args.dv} vs {args.time} (days), {len(res)} profile(s), method {args.method}")
+    print(_table(rows, header))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        res.to_csv(out, index=False)
+        print(f"wrote {out}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="carkin: CAR-T / CAR-NK cellular kinetics - models, dose regimens, simulation, NCA.",
+        epilog="Run 'carkin COMMAND --help' for the options of a command. Units: doses in cells/kg "
+               "(total over all infusions), times in days after the first infusion.",
+    )
+    from carkin import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the models in the library",
+                       description="List the models in the library with a one-line description each.")
+    p.set_defaults(func=_cmd_models)
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "simulate", help="simulate one or more dose levels (typical subject or a virtual population)",
+        formatter_class=fmt,
+        description="Simulate a model under one regimen per dose level, print median Cmax, Tmax and AUC0-28 "
+                    "per regimen and, with --out, write the Dataset (netCDF), NCA endpoints (CSV) and a plot (PNG).",
+        epilog="examples:\n"
+               "  carkin simulate --model stein_2019 --dose 1e6\n"
+               "  carkin simulate --model cd7_cart --dose 1e6,1e7,1e8 --n-subjects 500 --out out/cd7.nc\n"
+               "  carkin simulate --model cd7_cart --dose 3e6 --schedule split --fractions 0.2,0.8 --days 0,3\n"
+               "\nwith --out run.nc it writes run.nc (xarray Dataset, dims regimen x subject x time),\n"
+               "run_nca.csv (one row per regimen and subject) and run.png (profiles).",
+    )
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'carkin models')")
+    p.add_argument("--dose", required=True, metavar="D1,D2,...",
+                   help="total dose level(s) in cells/kg, comma-separated (e.g. 1e6,3e6); one regimen each")
+    p.add_argument("--schedule", choices=("single", "split"), default="single",
+                   help="single infusion on day 0, or split over several days (default: single)")
+    p.add_argument("--fractions", metavar="F1,F2,...",
+                   help=f"split only: fraction of the dose per infusion, summing to 1 (default {DEFAULT_FRACTIONS})")
+    p.add_argument("--days", metavar="T1,T2,...",
+                   help=f"split only: infusion days, one per fraction (default {DEFAULT_DAYS})")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--typical", action="store_true",
+                     help="simulate the typical subject (default when --n-subjects is not given)")
+    who.add_argument("--n-subjects", type=int, metavar="N",
+                     help="simulate a virtual population of N subjects with between-subject variability")
+    p.add_argument("--weight", type=float, metavar="KG",
+                   help="body weight in kg (default: the model's, 60 kg typical or sampled for a population)")
+    p.add_argument("--times", default=DEFAULT_TIMES, metavar="GRID",
+                   help="output times in days: start:stop:step or a comma list (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
+    p.add_argument("--product-type", metavar="TYPE",
+                   help="product type, for models that have one (cd7_cart: naturally_selected, knockout, pebl, "
+                        "unedited)")
+    p.add_argument("--out", metavar="FILE.nc",
+                   help="write FILE.nc, FILE_nca.csv and FILE.png (parent folders are created); "
+                        "without it only the summary is printed")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "nca", help="non-compartmental analysis of a long-format CSV (one row per sample)",
+        formatter_class=fmt,
+        description="NCA of observed data: Cmax, Tmax, AUC0-28, AUClast, Clast, Tlast and the terminal phase "
+                    "(lambda_z, half-life) per subject. Times must be in days.",
+        epilog="BLQ handling: a sample is BLQ when DV is missing, its --blq flag is non-zero or DV < LLOQ\n"
+               "(--lloq-col per row, else --lloq). BLQ before the first quantifiable sample counts as 0,\n"
+               "after it as missing.\n\nexample:\n"
+               "  carkin nca pk.csv --id ID --time TIME --dv DV --lloq 10 --out nca.csv",
+    )
+    p.add_argument("file", metavar="FILE.csv", help="long-format CSV, one row per sample")
+    p.add_argument("--id", default="ID", metavar="COL", help="subject id column (default %(default)s)")
+    p.add_argument("--time", default="TIME", metavar="COL", help="time column, in days (default %(default)s)")
+    p.add_argument("--dv", default="DV", metavar="COL",
+                   help="concentration column, e.g. copies/µg gDNA (default %(default)s)")
+    p.add_argument("--blq", metavar="COL", help="column flagging BLQ samples (non-zero = BLQ)")
+    p.add_argument("--lloq-col", metavar="COL", help="column with each sample's lower limit of quantification")
+    p.add_argument("--lloq", type=float, metavar="VALUE",
+                   help="one LLOQ for all samples, in the DV's units (used where --lloq-col is absent or empty)")
+    p.add_argument("--method", choices=("linear", "linear-up/log-down"), default="linear-up/log-down",
+                   help="AUC trapezoid rule (default %(default)s)")
+    p.add_argument("--partial-end", type=float, default=28.0, metavar="DAY",
+                   help="end of the partial AUC in days (default %(default)s: AUC0-28)")
+    p.add_argument("--out", metavar="RESULT.csv", help="also write the results to this CSV")
+    p.set_defaults(func=_cmd_nca)
+    return parser
+
+
+# Options whose value may be a negative number, which argparse would take for an option flag.
+_NUMERIC_OPTIONS = ("--dose", "--fractions", "--days", "--times", "--weight", "--lloq", "--partial-end", "--seed",
+                    "--n-subjects")
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """'--dose -1e6' -> '--dose=-1e6' so the value reaches carkin's own check and its clear message."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if tok in _NUMERIC_OPTIONS and re.match(r"^-\.?\d", nxt):
+            out.append(f"{tok}={nxt}")
+            i += 2
+        else:
+            out.append(tok)
+            i += 1
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split())
+    return msg or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(_glue_negative_values(argv))
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        args.argv = argv
+        return args.func(args)
+    # User input errors surface as these types from carkin (ValueError for bad values, KeyError
+    # for unknown names, OSError for files); anything else is a bug and keeps its traceback.
+    except (CliError, ValueError, TypeError, KeyError, OSError) as e:
+        if os.environ.get("CARKIN_DEBUG"):
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
