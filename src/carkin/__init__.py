@@ -30,7 +30,6 @@ _use_all_cpu_cores()
 from carkin.dosing import Regimen, custom, single, split  # noqa: E402
 from carkin.kinetics import Covariate, Model, Observable, Parameter, State  # noqa: E402
 from carkin.library import list_models, load_model  # noqa: E402
-
 from carkin.nca import nca, nca_long  # noqa: E402
 from carkin.simulate import SimulationWarning, simulate  # noqa: E402
 
