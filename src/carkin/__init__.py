@@ -27,15 +27,21 @@ def _use_all_cpu_cores() -> None:
 
 _use_all_cpu_cores()
 
+from carkin.data import DatasetError, DatasetWarning, StudyData, read_dataset  # noqa: E402
 from carkin.dosing import Regimen, custom, single, split  # noqa: E402
+from carkin.inference import FitWarning, ModelDataError, fit, load_fit, save_fit  # noqa: E402
 from carkin.kinetics import Covariate, Model, Observable, Parameter, State  # noqa: E402
 from carkin.library import list_models, load_model  # noqa: E402
 from carkin.nca import nca, nca_long  # noqa: E402
+from carkin.observation import ErrorModel  # noqa: E402
+from carkin.population import CovariateEffect  # noqa: E402
 from carkin.simulate import SimulationWarning, simulate  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Covariate", "Model", "Observable", "Parameter", "Regimen", "SimulationWarning", "State",
-    "custom", "list_models", "load_model", "nca", "nca_long", "simulate", "single", "split",
+    "Covariate", "CovariateEffect", "DatasetError", "DatasetWarning", "ErrorModel", "FitWarning", "Model",
+    "ModelDataError", "Observable", "Parameter", "Regimen", "SimulationWarning", "State", "StudyData",
+    "custom", "fit", "list_models", "load_fit", "load_model", "nca", "nca_long", "read_dataset", "save_fit",
+    "simulate", "single", "split",
 ]

@@ -122,6 +122,7 @@ class Model:
     covariates: ClassVar[tuple[Covariate, ...]] = (WEIGHT,)
     dose_state: ClassVar[str | None] = None
     has_switch: ClassVar[bool] = False
+    has_closed_form: ClassVar[bool] = False
     solver: ClassVar[SolverSettings] = SolverSettings()
 
     values: tuple[tuple[str, float], ...] = field(default=())
@@ -194,3 +195,10 @@ class Model:
 
     def on_switch(self, y, p: dict, cov: dict):
         return y
+
+    def closed_form_observables(self, t, p: dict, cov: dict, dose_times, dose_cells) -> dict:
+        """Observables at times ``t`` from an exact solution (models with ``has_closed_form``).
+
+        Fitting uses it instead of the ODE solve where it exists, as an analytic
+        ADVAN would; tests hold the two to agree."""
+        raise NotImplementedError(f"model {self.name!r} has no closed-form solution")
