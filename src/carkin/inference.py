@@ -1,0 +1,712 @@
+"""Population fitting: a hierarchical NumPyro model of a carkin model and a dataset; ``fit``.
+
+    data --Design--> per-subject time grids, doses, covariates
+    (theta_pop, omega, beta, z) --population--> individual parameters
+    --solve (closed form where the model has one, else the piecewise ODE)--> predictions
+    --error model, censored where BLQ--> log-likelihood --NUTS / SVI--> DataTree
+
+The returned ``xarray.DataTree`` follows ArviZ's groups (posterior, sample_stats,
+log_likelihood, posterior_predictive, observed_data, constant_data), with
+``(chain, draw)`` first, named dims and units on every variable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import xarray as xr
+
+from carkin import observation
+from carkin.data import StudyData
+from carkin.kinetics import Model
+from carkin.observation import ErrorModel
+from carkin.population import CovariateEffect, effect_columns, from_unconstrained, to_unconstrained
+from carkin.solve import solve_subject
+
+PRIOR_LOG_SD = 1.0  # default prior of a typical value: a factor e either way on its log/logit scale
+OMEGA_PRIOR_FACTOR = 2.0  # default omega prior: HalfNormal(2 x the model's omega)
+OMEGA_PRIOR_DEFAULT = 1.0  # ... or HalfNormal(1) where the model gives none
+SIGMA_PRIOR_SCALE = 1.0  # HalfNormal scale of proportional / log-scale residual SDs
+RHAT_MAX = 1.01
+ESS_PER_CHAIN_MIN = 100
+TREE_DEPTH_SATURATION_MAX = 0.01  # fraction of draws allowed to hit the maximal tree depth
+DRAW_BATCH = 64  # posterior draws per compiled batch when computing predictions
+SVI_STEP_SIZE = 0.01
+SVI_INIT_SCALE = 0.05
+SVI_DRIFT_MAX = 0.01  # relative change of the loss over the last tenth of the steps that counts as converged
+
+
+class FitWarning(UserWarning):
+    """A sampler diagnostic is off (divergences, R-hat, ESS, tree depth)."""
+
+
+class ModelDataError(ValueError):
+    """The dataset does not fit the model (unknown observable, missing covariate...)."""
+
+
+# --- the design: what the likelihood needs from the data, as padded arrays -------------------
+
+
+@dataclass(frozen=True)
+class Design:
+    """Per-subject time grids and doses, and per-observation indices into them."""
+
+    times: np.ndarray  # (S, T) sorted unique observation times, padded with the last one
+    dose_times: np.ndarray  # (S, D)
+    dose_cells: np.ndarray  # (S, D)
+    model_covariates: np.ndarray  # (S, C) values of the model's covariates (WT, BLAST...)
+    obs_subject: np.ndarray  # (N,)
+    obs_tindex: np.ndarray  # (N,)
+    obs_kind: np.ndarray  # (N,) index into ``observables``
+    observables: tuple[str, ...]
+    y: np.ndarray  # (N,) natural units; NaN where BLQ without value
+    blq: np.ndarray  # (N,)
+    lloq: np.ndarray  # (N,)
+
+    @property
+    def n_subjects(self) -> int:
+        return self.times.shape[0]
+
+
+def build_design(model: Model, data: StudyData) -> Design:
+    """Map the dataset onto the model: observables by name, model covariates by column."""
+    names = [o.name for o in model.observables]
+    obs_names = np.array([n if n else names[0] for n in data.obs_observable.astype(str)])
+    unknown = sorted(set(obs_names) - set(names))
+    if unknown:
+        raise ModelDataError(
+            f"{data.path}: observable(s) {unknown} are not outputs of model {model.name!r} "
+            f"(its observables: {', '.join(names)}); map each DVID to one of them in the sidecar"
+        )
+    fitted = tuple(n for n in names if n in set(obs_names))
+    kind = np.array([fitted.index(n) for n in obs_names], dtype=np.int32)
+
+    S = data.n_subjects
+    grids = [np.unique(data.obs_time[data.obs_subject == s]) for s in range(S)]
+    T = max(1, max(len(g) for g in grids))
+    times = np.zeros((S, T))
+    for s, g in enumerate(grids):
+        g = g if len(g) else np.zeros(1)
+        times[s, : len(g)], times[s, len(g):] = g, g[-1]
+    tindex = np.array([np.searchsorted(grids[s], t) for s, t in zip(data.obs_subject, data.obs_time)], np.int32)
+
+    cov = np.zeros((S, len(model.covariates)))
+    for j, c in enumerate(model.covariates):
+        given = data.covariates.get(c.name)
+        values = np.full(S, np.nan) if given is None else np.asarray(given, dtype=float)
+        missing = ~(np.isfinite(values) & (values > 0))
+        if missing.any():
+            ids = [data.ids[i] for i in np.flatnonzero(missing)[:10]]
+            warnings.warn(
+                f"{data.path}: model covariate {c.name} ({c.description}) is missing for subject(s) {ids}"
+                f"{' and more' if missing.sum() > 10 else ''}; the model's typical value {c.typical:g} {c.unit} "
+                "is used for them", UserWarning, stacklevel=3)
+            values = np.where(missing, c.typical, values)
+        cov[:, j] = values
+
+    dose_t, dose_c = data.dose_times, data.dose_cells
+    if dose_t.shape[1] == 0:  # no doses anywhere: one empty infusion on day 0 keeps the shapes
+        dose_t, dose_c = np.zeros((S, 1)), np.zeros((S, 1))
+    return Design(times, np.asarray(dose_t, float), np.asarray(dose_c, float), cov,
+                  np.asarray(data.obs_subject, np.int32), tindex, kind, fitted,
+                  np.asarray(data.obs_value, float), np.asarray(data.obs_blq, bool),
+                  np.asarray(data.obs_lloq, float))
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+
+def subject_observables(model: Model, names, times, dose_t, dose_c, theta, cov):
+    """Observables ``names`` of one subject at ``times``: (len(names), len(times)), and an ok flag."""
+    p = dict(zip(model.parameter_names, theta))
+    c = dict(zip((cv.name for cv in model.covariates), cov))
+    if model.has_closed_form:
+        out, ok = model.closed_form_observables(times, p, c, dose_t, dose_c), True
+    else:
+        ys, ok, _ = solve_subject(model, times, dose_t, dose_c, p, c)
+        out = model.observe(ys, p, c)
+    f = jnp.stack([out[n] for n in names])
+    return f, ok & jnp.all(jnp.isfinite(f))
+
+
+def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov):
+    """Batched :func:`subject_observables`: leading subject axis on every argument but ``names``."""
+    return jax.vmap(lambda *a: subject_observables(model, names, *a))(times, dose_t, dose_c, theta, cov)
+
+
+# --- the population model --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A model, a design and the population structure: everything the log density needs.
+
+    ``estimated`` are the parameters with a population typical value to estimate;
+    ``random`` those of them with between-subject variability; the others stay at
+    ``model``'s values.
+    """
+
+    model: Model
+    design: Design
+    estimated: tuple[str, ...]
+    random: tuple[str, ...]
+    columns: tuple  # EffectColumn per covariate-effect coefficient
+    x: np.ndarray  # (S, n_columns) covariate-effect design matrix
+    errors: dict  # observable -> ErrorModel
+    priors: dict  # site name -> numpyro distribution
+    site_meta: dict = field(default_factory=dict)  # site -> (units, long_name)
+
+    # -- structure ------------------------------------------------------------------
+    def individual(self, params: dict):
+        """(S, P) individual values of every model parameter from the sampled sites."""
+        model, S = self.model, self.design.n_subjects
+        typ = {k: jnp.asarray(v) for k, v in model.values}
+        kinds = {p.name: {"positive": 0, "fraction": 1, "real": 2}[p.kind] for p in model.parameters}
+        columns = []
+        for name in model.parameter_names:
+            if name not in self.estimated:
+                columns.append(jnp.full((S,), typ[name]))
+                continue
+            h = to_unconstrained(params[name], kinds[name]) + jnp.zeros(S)
+            for c, col in enumerate(self.columns):
+                if col.parameter == name:
+                    h = h + params[col.name] * self.x[:, c]
+            if name in self.random:
+                h = h + params[f"omega_{name}"] * params["z"][:, self.random.index(name)]
+            columns.append(from_unconstrained(h, kinds[name]))
+        return jnp.stack(columns, axis=1)
+
+    def predictions(self, theta):
+        """Individual predictions at every observation (N,) and an all-solves-ok flag."""
+        d = self.design
+        f, ok = predict_grid(self.model, d.observables, d.times, d.dose_times, d.dose_cells, theta,
+                             d.model_covariates)
+        return f[d.obs_subject, d.obs_kind, d.obs_tindex], jnp.all(ok)
+
+    def pointwise_log_likelihood(self, params: dict, f):
+        d = self.design
+        ll = jnp.zeros(d.y.shape)
+        for k, name in enumerate(d.observables):
+            idx = np.flatnonzero(d.obs_kind == k)
+            err = self.errors[name]
+            add = params.get(f"sigma_add_{name}", 0.0)
+            ll = ll.at[idx].set(observation.log_likelihood(
+                err.kind, d.y[idx], f[idx], d.blq[idx], d.lloq[idx], params[f"sigma_{name}"], add))
+        return ll
+
+    def numpyro_model(self):
+        params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
+        if self.random:
+            with numpyro.plate("subject", self.design.n_subjects):
+                params["z"] = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([len(self.random)]).to_event(1))
+        f, ok = self.predictions(self.individual(params))
+        ll = self.pointwise_log_likelihood(params, f)
+        # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run.
+        numpyro.factor("log_likelihood", jnp.where(ok & jnp.all(jnp.isfinite(ll)), ll.sum(), -jnp.inf))
+
+
+def default_priors(model: Model, estimated, random, columns, errors, design: Design, overrides: dict):
+    """Priors built from the model's parameter table; ``overrides`` (site -> distribution) win."""
+    priors, meta = {}, {}
+    for name in estimated:
+        p = model.parameter(name)
+        typ = dict(model.values)[name]
+        if p.kind == "positive":
+            prior = dist.LogNormal(math.log(typ), PRIOR_LOG_SD)
+        elif p.kind == "fraction":
+            prior = dist.TransformedDistribution(
+                dist.Normal(math.log(typ) - math.log1p(-typ), PRIOR_LOG_SD), dist.transforms.SigmoidTransform())
+        else:
+            prior = dist.Normal(typ, PRIOR_LOG_SD)
+        priors[name] = prior
+        meta[name] = (p.unit, f"typical value of {p.description}")
+    for name in random:
+        p = model.parameter(name)
+        scale = OMEGA_PRIOR_FACTOR * p.omega if p.omega > 0 else OMEGA_PRIOR_DEFAULT
+        priors[f"omega_{name}"] = dist.HalfNormal(scale)
+        scale_name = {"positive": "log", "fraction": "logit", "real": "natural"}[p.kind]
+        meta[f"omega_{name}"] = ("1", f"between-subject SD of {name} ({scale_name} scale)")
+    for col in columns:
+        priors[col.name] = dist.Normal(0.0, 1.0)
+        meta[col.name] = ("1", col.description)
+    units = {o.name: o.unit for o in model.observables}
+    for k, name in enumerate(design.observables):
+        err = errors[name]
+        priors[f"sigma_{name}"] = dist.HalfNormal(SIGMA_PRIOR_SCALE)
+        what = "log-scale residual SD" if err.kind == "log-additive" else "proportional residual SD (CV)"
+        meta[f"sigma_{name}"] = ("1", f"{what} of {name}")
+        if err.has_additive:
+            y = design.y[(design.obs_kind == k) & ~design.blq]
+            priors[f"sigma_add_{name}"] = dist.HalfNormal(float(np.nanmedian(y)) if y.size else 1.0)
+            meta[f"sigma_add_{name}"] = (units[name], f"additive residual SD of {name}")
+    unknown = sorted(set(overrides) - set(priors))
+    if unknown:
+        raise ValueError(f"priors given for unknown site(s) {unknown}; the model's sites are {sorted(priors)}")
+    priors.update(overrides)
+    return priors, meta
+
+
+def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, variability=None,
+                 covariate_effects=(), error=None, priors=None) -> Problem:
+    """Assemble the population problem, checking every name against the model and the data."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
+    pnames = model.parameter_names
+    fixed = dict(fixed or {})
+    for group, names in (("estimate", estimate or ()), ("fixed", fixed), ("variability", variability or ())):
+        bad = sorted(set(names) - set(pnames))
+        if bad:
+            raise ValueError(f"{group}: model {model.name!r} has no parameter(s) {bad}; its parameters are "
+                             f"{list(pnames)}")
+    if fixed:
+        model = model.with_values(**fixed)
+    estimated = tuple(n for n in pnames if (n in estimate if estimate is not None else n not in fixed))
+    clash = sorted(set(estimated) & set(fixed))
+    if clash:
+        raise ValueError(f"parameter(s) {clash} are both estimated and fixed; choose one")
+    if not estimated:
+        raise ValueError("nothing to estimate: every parameter is fixed")
+    if variability is None:
+        random = tuple(n for n in estimated if model.parameter(n).omega > 0)
+    else:
+        stray = sorted(set(variability) - set(estimated))
+        if stray:
+            raise ValueError(f"variability on {stray} needs them estimated too (add them to estimate)")
+        random = tuple(n for n in estimated if n in variability)
+    design = build_design(model, data)
+    scales = {n: spec.scale for n, spec in data.observables.items()}
+    errors = {}
+    for name in design.observables:
+        given = (error or {}).get(name) if isinstance(error, dict) else error
+        default = "log-additive" if scales.get(name, "log") == "log" else "combined"
+        errors[name] = given if isinstance(given, ErrorModel) else ErrorModel(given or default)
+    effects = tuple(e if isinstance(e, CovariateEffect) else CovariateEffect(*e) for e in covariate_effects)
+    for e in effects:
+        if e.parameter not in estimated:
+            raise ValueError(f"covariate effect on {e.parameter!r}: that parameter is not estimated")
+    columns, x = effect_columns(effects, data.covariates, data.path)
+    prior_table, meta = default_priors(model, estimated, random, columns, errors, design, dict(priors or {}))
+    return Problem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta)
+
+
+# --- fit -----------------------------------------------------------------------------------------
+
+
+def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, covariate_effects=(), error=None,
+        priors=None, method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500, seed: int = 0,
+        target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median", svi_steps: int = 3000,
+        svi_draws: int = 1000,
+        chain_method: str | None = None, progress: bool = True) -> xr.DataTree:
+    """Fit a population model of ``model`` to ``data`` (a StudyData or a CSV path).
+
+    ``estimate``: parameters whose typical values are estimated (default: all not in
+    ``fixed``); ``fixed``: name -> value held fixed; ``variability``: estimated
+    parameters with between-subject variability (default: those the model gives an
+    omega); ``covariate_effects``: CovariateEffect objects; ``error``: one error-model
+    name for all observables, or observable -> name (``log-additive``, ``proportional``,
+    ``combined``); ``priors``: site name -> numpyro distribution, overriding the defaults.
+
+    ``method="nuts"`` samples the posterior (``chains``, ``warmup``, ``samples``,
+    ``seed``); ``method="svi"`` fits a normal approximation of the posterior by
+    stochastic variational inference (``svi_steps``) and returns ``svi_draws`` draws
+    from it: a quick look, with less honest uncertainty. ``init`` is where NUTS chains
+    start: ``median`` (prior medians) or ``svi`` (the variational fit's medians).
+    ``chain_method`` is numpyro's (``parallel``, ``vectorized``, ``sequential``); by
+    default parallel when each chain has a device, else vectorized.
+    Sampler problems are reported as FitWarning with what to try.
+    """
+    from carkin.data import read_dataset
+
+    if not isinstance(data, StudyData):
+        data = read_dataset(data)
+    if method not in ("nuts", "svi"):
+        raise ValueError(f"method must be 'nuts' or 'svi', got {method!r}")
+    if init not in ("median", "svi"):
+        raise ValueError(f"init must be 'median' or 'svi', got {init!r}")
+    for name, v in (("chains", chains), ("warmup", warmup), ("samples", samples), ("svi_steps", svi_steps),
+                    ("svi_draws", svi_draws)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    problem = make_problem(model, data, estimate=estimate, fixed=fixed, variability=variability,
+                           covariate_effects=covariate_effects, error=error, priors=priors)
+    key = jax.random.PRNGKey(seed)
+    k_fit, k_post = jax.random.split(key)
+    t0 = time.perf_counter()
+    if method == "svi" or init == "svi":
+        draws, mode = _svi(problem, k_fit, svi_steps, svi_draws, progress)
+    stats = None
+    if method == "nuts":
+        start = mode if init == "svi" else None
+        draws, stats = _nuts(problem, k_fit, chains, warmup, samples, target_accept, max_tree_depth, start,
+                             chain_method, progress)
+    elapsed = time.perf_counter() - t0
+    settings = {"method": method, "chains": chains if method == "nuts" else 1, "warmup": warmup, "samples": samples,
+                "seed": seed, "target_accept": target_accept, "max_tree_depth": max_tree_depth, "init": init,
+                "svi_steps": svi_steps, "svi_draws": svi_draws, "fit_time_s": round(elapsed, 3)}
+    tree = to_datatree(problem, data, draws, stats, settings, k_post)
+    for message in convergence_report(tree):
+        warnings.warn(message, FitWarning, stacklevel=2)
+    return tree
+
+
+def default_chain_method(chains: int) -> str:
+    """Chains run in parallel when there is a device for each (carkin exposes every CPU core as one),
+    else vectorised: one batched log-density evaluation serves all chains at each step."""
+    return "parallel" if jax.local_device_count() >= chains else "vectorized"
+
+
+def _nuts(problem: Problem, key, chains, warmup, samples, target_accept, max_tree_depth, start, chain_method,
+          progress):
+    from numpyro.infer import MCMC, NUTS, init_to_median, init_to_value
+
+    init = init_to_value(values=start) if start is not None else init_to_median(num_samples=15)
+    kernel = NUTS(problem.numpyro_model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                  init_strategy=init)
+    if chain_method is None:
+        chain_method = default_chain_method(chains)
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains, chain_method=chain_method,
+                progress_bar=progress)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*devices available.*")
+        mcmc.run(key, extra_fields=("diverging", "num_steps", "energy", "accept_prob", "adapt_state.step_size",
+                                    "potential_energy"))
+    draws = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    extra = {k: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
+    stats = {
+        "diverging": extra["diverging"].astype(bool),
+        "n_steps": extra["num_steps"].astype(np.int64),
+        "tree_depth": np.ceil(np.log2(extra["num_steps"].astype(float) + 1)).astype(np.int64),
+        "energy": extra["energy"],
+        "acceptance_rate": extra["accept_prob"],
+        "step_size": extra["adapt_state.step_size"],
+        "lp": -extra["potential_energy"],
+    }
+    return draws, stats
+
+
+def _svi(problem: Problem, key, steps: int, n_draws: int, progress: bool):
+    """Variational fit (independent normals on the unconstrained scale): a quick look, and a start for NUTS.
+
+    The joint posterior mode of a hierarchical model is degenerate (omega -> 0 with the
+    random effects pinned), so a MAP/Laplace point is a poor summary here; the ELBO
+    fit of AutoNormal averages over the random effects instead.
+    """
+    from numpyro.infer import SVI, Trace_ELBO, init_to_median
+    from numpyro.infer.autoguide import AutoNormal
+    from numpyro.optim import ClippedAdam
+
+    guide = AutoNormal(problem.numpyro_model, init_loc_fn=init_to_median(num_samples=15), init_scale=SVI_INIT_SCALE)
+    svi = SVI(problem.numpyro_model, guide, ClippedAdam(step_size=SVI_STEP_SIZE), Trace_ELBO())
+    k_fit, k_draw = jax.random.split(key)
+    result = svi.run(k_fit, steps, progress_bar=progress)
+    losses = np.asarray(result.losses)
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError("the variational fit failed (its loss is not finite at the end); check the data and "
+                           "priors, fix poorly identified parameters, or use method='nuts'")
+    tail = max(steps // 10, 1)
+    if steps >= 2 * tail and abs(losses[-tail:].mean() - losses[-2 * tail:-tail].mean()) > SVI_DRIFT_MAX * (
+            1.0 + abs(losses[-tail:].mean())):
+        warnings.warn(f"the variational fit was still improving after {steps} steps; increase svi_steps",
+                      FitWarning, stacklevel=3)
+    mode = {k: np.asarray(v) for k, v in guide.median(result.params).items()}
+    draws = guide.sample_posterior(k_draw, result.params, sample_shape=(n_draws,))
+    draws = {k: np.asarray(v)[None] for k, v in draws.items() if k in problem.priors or k == "z"}
+    return draws, mode
+
+
+# --- results as an ArviZ DataTree ------------------------------------------------------------------
+
+
+def _derived(problem: Problem, draws: dict, key):
+    """Per draw: individual parameters, predictions (individual and population), pointwise
+    log-likelihood and a replicate measurement of every observation."""
+    d = problem.design
+    kinds = {name: problem.errors[name].kind for name in d.observables}
+
+    def one(params, k):
+        theta = problem.individual(params)
+        f, _ = problem.predictions(theta)
+        ll = problem.pointwise_log_likelihood(params, f)
+        if problem.random:
+            theta0 = problem.individual({**params, "z": jnp.zeros_like(params["z"])})
+        else:
+            theta0 = theta
+        f0, _ = problem.predictions(theta0)
+        rep = jnp.zeros_like(f)
+        for j, name in enumerate(d.observables):
+            idx = np.flatnonzero(d.obs_kind == j)
+            rep = rep.at[idx].set(observation.sample(kinds[name], jax.random.fold_in(k, j), f[idx],
+                                                     params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)))
+        return theta, f, f0, jnp.where(jnp.isfinite(ll), ll, -jnp.inf), rep
+
+    chains, n_draw = next(iter(draws.values())).shape[:2]
+    flat = {k: v.reshape((chains * n_draw,) + v.shape[2:]) for k, v in draws.items()}
+    total = chains * n_draw
+    batched = jax.jit(jax.vmap(one))
+    outs = []
+    for start in range(0, total, DRAW_BATCH):
+        idx = np.minimum(np.arange(start, start + DRAW_BATCH), total - 1)  # pad: one compiled shape
+        keys = jax.random.split(jax.random.fold_in(key, start), DRAW_BATCH)
+        res = batched({k: v[idx] for k, v in flat.items()}, keys)
+        outs.append([np.asarray(r)[: min(DRAW_BATCH, total - start)] for r in res])
+    return [np.concatenate(parts).reshape((chains, n_draw) + parts[0].shape[1:]) for parts in zip(*outs)]
+
+
+def _obs_units(problem: Problem) -> str:
+    units = {o.name: o.unit for o in problem.model.observables}
+    names = problem.design.observables
+    return units[names[0]] if len(names) == 1 else "; ".join(f"{n}: {units[n]}" for n in names)
+
+
+def to_datatree(problem: Problem, data: StudyData, draws: dict, stats, settings: dict, key) -> xr.DataTree:
+    model, d = problem.model, problem.design
+    theta, ipred, pred, loglik, rep = _derived(problem, draws, key)
+    chains, n_draw = ipred.shape[:2]
+    ids = [str(i) for i in data.ids]
+    obs_units = _obs_units(problem)
+    obs_names = np.array(d.observables)[d.obs_kind]
+    base = {"chain": np.arange(chains), "draw": np.arange(n_draw)}
+    obs_coords = {
+        "obs": np.arange(d.y.size),
+        "obs_id": ("obs", np.array(ids)[d.obs_subject]),
+        "obs_time": ("obs", data.obs_time.astype(float), {"units": "day", "long_name": "time after first infusion"}),
+        "observable": ("obs", obs_names.astype(str)),
+    }
+    subject = {"subject": np.array(ids)}
+
+    post = {}
+    for site in problem.priors:
+        unit, long_name = problem.site_meta.get(site, ("", site))
+        post[site] = (("chain", "draw"), draws[site], {"units": unit, "long_name": long_name})
+    for r, name in enumerate(problem.random):
+        eta = draws[f"omega_{name}"][..., None] * draws["z"][..., r]
+        post[f"eta_{name}"] = (("chain", "draw", "subject"), eta,
+                               {"units": "1", "long_name": f"random effect of {name} (omega * z)"})
+    for j, name in enumerate(model.parameter_names):
+        if name in problem.estimated:
+            p = model.parameter(name)
+            post[f"ind_{name}"] = (("chain", "draw", "subject"), theta[..., j],
+                                   {"units": p.unit, "long_name": f"individual {p.description}"})
+    post["ipred"] = (("chain", "draw", "obs"), ipred, {"units": obs_units, "long_name": "individual prediction"})
+    post["pred"] = (("chain", "draw", "obs"), pred,
+                    {"units": obs_units, "long_name": "population prediction (random effects at zero)"})
+    groups = {"posterior": xr.Dataset(post, coords={**base, **subject, **obs_coords})}
+
+    if stats is not None:
+        meta = {"diverging": ("1", "divergent transition"), "n_steps": ("1", "leapfrog steps"),
+                "tree_depth": ("1", "NUTS tree depth"), "energy": ("1", "Hamiltonian energy"),
+                "acceptance_rate": ("1", "mean acceptance probability"), "step_size": ("1", "leapfrog step size"),
+                "lp": ("1", "log posterior density (up to a constant)")}
+        groups["sample_stats"] = xr.Dataset(
+            {k: (("chain", "draw"), v, {"units": meta[k][0], "long_name": meta[k][1]}) for k, v in stats.items()},
+            coords=base)
+    groups["log_likelihood"] = xr.Dataset(
+        {"dv": (("chain", "draw", "obs"), loglik, {"units": "1", "long_name": "pointwise log-likelihood "
+                                                   "(censored where BLQ)"})}, coords={**base, **obs_coords})
+    groups["posterior_predictive"] = xr.Dataset(
+        {"dv": (("chain", "draw", "obs"), rep, {"units": obs_units, "long_name": "replicate measurement"})},
+        coords={**base, **obs_coords})
+    groups["observed_data"] = xr.Dataset(
+        {"dv": ("obs", d.y, {"units": obs_units, "long_name": "observed value (NaN where BLQ without a value)"}),
+         "blq": ("obs", d.blq.astype(np.int8), {"units": "1", "long_name": "below the limit of quantification"}),
+         "lloq": ("obs", d.lloq, {"units": obs_units, "long_name": "lower limit of quantification"}),
+         "row": ("obs", np.asarray(data.obs_row, np.int64), {"units": "1", "long_name": "row in the data file"})},
+        coords=obs_coords)
+    const = {
+        "dose_time": (("subject", "dose"), d.dose_times, {"units": "day", "long_name": "infusion time"}),
+        "dose_cells": (("subject", "dose"), d.dose_cells, {"units": "cells", "long_name": "infused CAR cells"}),
+        "design_time": (("subject", "grid"), d.times, {"units": "day", "long_name": "observation times (padded)"}),
+    }
+    for j, c in enumerate(model.covariates):
+        const[f"model_{c.name}"] = ("subject", d.model_covariates[:, j],
+                                    {"units": c.unit, "long_name": f"{c.description} (as used by the model)"})
+    for name, values in data.covariates.items():
+        values = np.asarray(values)
+        const[name] = ("subject", values.astype(str) if values.dtype == object else values.astype(float),
+                       {"units": _cov_unit(data, name), "long_name": f"covariate {name}"})
+    for c, col in enumerate(problem.columns):
+        const[f"x_{col.name}"] = ("subject", problem.x[:, c], {"units": "1", "long_name": col.description})
+    groups["constant_data"] = xr.Dataset(const, coords=subject)
+
+    tree = xr.DataTree.from_dict(groups)
+    tree.attrs.update(
+        model=model.name,
+        model_options=json.dumps(_model_options(model)),
+        model_values=json.dumps(dict(model.values)),
+        estimated=list(problem.estimated) or [""],
+        random=list(problem.random) or [""],
+        covariate_effects=json.dumps([[c.name, c.parameter] for c in problem.columns]),
+        error_models=json.dumps({k: v.kind for k, v in problem.errors.items()}),
+        observables=list(d.observables),
+        data=str(data.path),
+        settings=json.dumps(settings),
+        created_by="carkin " + __import__("carkin").__version__,
+    )
+    return tree
+
+
+def _cov_unit(data: StudyData, name: str) -> str:
+    return str(data.meta.get("covariates", {}).get(name, "")) if isinstance(data.meta, dict) else ""
+
+
+def _model_options(model: Model) -> dict:
+    """Constructor settings of the model other than parameter values (e.g. product_type)."""
+    import dataclasses
+
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "values"}
+
+
+def population_sites(tree: xr.DataTree) -> list[str]:
+    """Names of the population-level posterior variables (no subject or obs dimension)."""
+    post = tree["posterior"].to_dataset()
+    return [k for k, v in post.data_vars.items() if v.dims == ("chain", "draw")]
+
+
+def convergence_report(tree: xr.DataTree) -> list[str]:
+    """Sampler problems in plain words, each with what to try. Empty when all is well."""
+    settings = json.loads(tree.attrs.get("settings", "{}"))
+    if settings.get("method") != "nuts":
+        return []
+    messages = []
+    stats = tree["sample_stats"].to_dataset()
+    n_div = int(stats["diverging"].sum())
+    total = stats["diverging"].size
+    if n_div:
+        messages.append(
+            f"{n_div} of {total} transitions diverged: the sampler met curvature it could not follow, so the "
+            "posterior may be biased there. Try target_accept=0.95, tighter priors, or fixing parameters the "
+            "data cannot identify.")
+    depth = settings.get("max_tree_depth", 10)
+    saturated = float((stats["tree_depth"] >= depth).mean())
+    if saturated > TREE_DEPTH_SATURATION_MAX:
+        messages.append(
+            f"{100 * saturated:.0f}% of draws hit the maximal tree depth {depth}: sampling is inefficient and may "
+            "not have explored the posterior. Increase max_tree_depth, or rescale/reparameterise strongly "
+            "correlated parameters.")
+    sites = population_sites(tree)
+    post = tree["posterior"].to_dataset()[sites]
+    chains = post.sizes["chain"]
+    if chains > 1:
+        rhat = _rhat(post)
+        high = {k: v for k, v in rhat.items() if not v <= RHAT_MAX}
+        if high:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(high.items(), key=lambda kv: -kv[1]))
+            messages.append(
+                f"R-hat above {RHAT_MAX} for {shown}: the chains disagree, so they have not converged. Run more "
+                "warmup and samples, start from init='svi', or check for a multimodal posterior.")
+    ess = _ess(post)
+    low = {k: v for k, v in ess.items() if v < ESS_PER_CHAIN_MIN * chains}
+    if low:
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in sorted(low.items(), key=lambda kv: kv[1]))
+        messages.append(
+            f"bulk effective sample size below {ESS_PER_CHAIN_MIN * chains} ({ESS_PER_CHAIN_MIN} per chain) for "
+            f"{shown}: the summaries of these are noisy. Draw more samples (or more chains).")
+    return messages
+
+
+def _rhat(post: xr.Dataset) -> dict:
+    from arviz_stats import rhat
+
+    r = rhat(post)
+    return {k: float(r[k]) for k in r.data_vars}
+
+
+def _ess(post: xr.Dataset, method: str = "bulk") -> dict:
+    from arviz_stats import ess
+
+    e = ess(post, method=method)
+    return {k: float(e[k]) for k in e.data_vars}
+
+
+def save_fit(tree: xr.DataTree, path) -> str:
+    """Write a fit to netCDF (one file, all groups)."""
+    tree.to_netcdf(path, engine="h5netcdf")
+    return str(path)
+
+
+def load_fit(path) -> xr.DataTree:
+    """Read a fit written by :func:`save_fit`."""
+    with xr.open_datatree(path, engine="h5netcdf") as t:
+        return t.load()
+
+
+# --- reuse a saved fit --------------------------------------------------------------------------
+
+
+def problem_from_tree(tree: xr.DataTree) -> Problem:
+    """Rebuild the population problem of a fit (for predictions and VPCs) from the DataTree alone."""
+    from carkin.library import load_model
+    from carkin.population import EffectColumn
+
+    model = load_model(tree.attrs["model"], **json.loads(tree.attrs.get("model_options", "{}")))
+    model = model.with_values(**json.loads(tree.attrs["model_values"]))
+    const = tree["constant_data"].to_dataset()
+    obs = tree["observed_data"].to_dataset()
+    observables = tuple(np.atleast_1d(tree.attrs["observables"]).astype(str))
+    cov = np.stack([const[f"model_{c.name}"].values for c in model.covariates], axis=1)
+    subjects = list(const["subject"].values.astype(str))
+    obs_subject = np.array([subjects.index(s) for s in obs["obs_id"].values.astype(str)], np.int32)
+    times = const["design_time"].values
+    t_obs = obs["obs_time"].values
+    tindex = np.array([int(np.argmin(np.abs(times[s] - t))) for s, t in zip(obs_subject, t_obs)], np.int32)
+    kind = np.array([observables.index(o) for o in obs["observable"].values.astype(str)], np.int32)
+    design = Design(times, const["dose_time"].values, const["dose_cells"].values, cov, obs_subject, tindex, kind,
+                    observables, obs["dv"].values, obs["blq"].values.astype(bool), obs["lloq"].values)
+    pairs = json.loads(tree.attrs.get("covariate_effects", "[]"))
+    columns = tuple(EffectColumn(name, param, "") for name, param in pairs)
+    x = (np.stack([const[f"x_{name}"].values for name, _ in pairs], axis=1) if pairs
+         else np.zeros((len(subjects), 0)))
+    errors = {k: ErrorModel(v) for k, v in json.loads(tree.attrs["error_models"]).items()}
+    estimated = tuple(n for n in np.atleast_1d(tree.attrs["estimated"]).astype(str) if n)
+    random = tuple(n for n in np.atleast_1d(tree.attrs["random"]).astype(str) if n)
+    sites = population_sites(tree)
+    return Problem(model, design, estimated, random, columns, x, errors, {s: None for s in sites})
+
+
+def posterior_draws(tree: xr.DataTree) -> dict:
+    """The sampled sites of a fit as arrays with leading (chain, draw) axes (z rebuilt from eta)."""
+    post = tree["posterior"].to_dataset()
+    draws = {s: post[s].values for s in population_sites(tree)}
+    random = [n for n in np.atleast_1d(tree.attrs["random"]).astype(str) if n]
+    if random:
+        draws["z"] = np.stack([post[f"eta_{n}"].values / post[f"omega_{n}"].values[..., None] for n in random],
+                              axis=-1)
+    return draws
+
+
+def simulate_replicates(problem: Problem, draws: dict, key, n_replicates: int) -> np.ndarray:
+    """(n_replicates, N) new measurements of the study design: each replicate takes a posterior
+    draw of the population parameters, new subjects (new random effects) and residual error."""
+    d = problem.design
+    chains, n_draw = next(iter(draws.values())).shape[:2]
+    flat = {k: v.reshape((chains * n_draw,) + v.shape[2:]) for k, v in draws.items() if k != "z"}
+
+    def one(params, k):
+        k_pick, k_z, k_eps = jax.random.split(k, 3)
+        i = jax.random.randint(k_pick, (), 0, chains * n_draw)
+        p = {name: v[i] for name, v in params.items()}
+        if problem.random:
+            p["z"] = jax.random.normal(k_z, (d.n_subjects, len(problem.random)))
+        f, _ = problem.predictions(problem.individual(p))
+        y = jnp.zeros_like(f)
+        for j, name in enumerate(d.observables):
+            idx = np.flatnonzero(d.obs_kind == j)
+            y = y.at[idx].set(observation.sample(problem.errors[name].kind, jax.random.fold_in(k_eps, j), f[idx],
+                                                 p[f"sigma_{name}"], p.get(f"sigma_add_{name}", 0.0)))
+        return y
+
+    batched = jax.jit(jax.vmap(one, in_axes=(None, 0)))
+    out = []
+    for start in range(0, n_replicates, DRAW_BATCH):
+        keys = jax.random.split(jax.random.fold_in(key, start), DRAW_BATCH)
+        out.append(np.asarray(batched(flat, keys)))
+    return np.concatenate(out)[:n_replicates]
