@@ -81,7 +81,7 @@ def build_design(model: Model, data: StudyData) -> Design:
     """Map the dataset onto the model: observables by name, model covariates by column."""
     names = [o.name for o in model.observables]
     obs_names = np.array([n if n else names[0] for n in data.obs_observable.astype(str)])
-    unknown = sorted(set(obs_names) - set(names))
+    unknown = sorted(str(n) for n in set(obs_names) - set(names))
     if unknown:
         raise ModelDataError(
             f"{data.path}: observable(s) {unknown} are not outputs of model {model.name!r} "
