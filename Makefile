@@ -24,6 +24,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/simulate_throughput.py
+	$(PY) benchmarks/fit_stein.py
 
 clean:
 	rm -rf $(VENV) out

@@ -1,8 +1,10 @@
-"""The ``carkin`` command line: list models, simulate dose regimens, run NCA on a CSV.
+"""The ``carkin`` command line: list models, simulate dose regimens, run NCA on a CSV, fit data.
 
     carkin models
     carkin simulate --model cd7_cart --dose 1e6,1e7 --schedule split --n-subjects 500 --out out/run.nc
     carkin nca data.csv --id ID --time TIME --dv DV --out nca.csv
+    carkin fit data/stein_sim.csv --model stein_2019 --out out/fit
+    carkin vpc out/fit
 
 User errors (bad numbers, unknown model, missing file or column) end with one
 line ``carkin: error: ...`` on stderr and exit status 2. Set CARKIN_DEBUG=1 to
@@ -201,8 +203,7 @@ def _cmd_simulate(args) -> int:
         warnings.simplefilter("always", ck.SimulationWarning)
         ds = ck.simulate(model, regimens, times=times, n_subjects=args.n_subjects, weight_kg=args.weight,
                          seed=args.seed)
-    for w in caught:  # one readable line per warning instead of warnings' two-line format
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    _print_warnings(caught)
     elapsed = time.perf_counter() - t0
     ds.attrs["history"] = "carkin simulate " + " ".join(args.argv)
     population = args.n_subjects is not None
@@ -264,6 +265,96 @@ def _cmd_nca(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         res.to_csv(out, index=False)
         print(f"wrote {out}")
+    return 0
+
+
+FIT_FILE = "fit.nc"
+
+
+def _assignments(items, what: str) -> dict:
+    """NAME=VALUE pairs (repeatable option or comma list) -> dict of floats."""
+    out = {}
+    for item in (x for chunk in items or () for x in chunk.split(",") if x.strip()):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"{what}: expected NAME=VALUE, got {item!r}")
+        out[name.strip()] = _numbers(value, f"{what} {name.strip()}")[0]
+    return out
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _print_warnings(caught) -> None:
+    for w in caught:  # one readable line per warning instead of warnings' two-line format
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+
+
+def _cmd_fit(args) -> int:
+    import carkin as ck
+    from carkin.diagnostics import parameter_table
+    from carkin.fitplots import save_fit_plots
+
+    for opt in ("chains", "warmup", "samples", "svi_steps"):
+        if getattr(args, opt) < 1:
+            raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    data_path = Path(args.data)
+    if not data_path.is_file():
+        raise CliError(f"no such file: {args.data}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {args.out!r} is a file; give a folder for the fit's outputs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ck.read_dataset(data_path)
+    _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
+    model = _load(args.model, args.product_type)
+    error = args.error
+    if error and "=" in error:
+        error = {k.strip(): v.strip() for k, _, v in (x.partition("=") for x in error.split(","))}
+    print(f"fitting {model.name} to {data_path} ({data.n_subjects} subjects, {data.n_obs} observations, "
+          f"{int(data.obs_blq.sum())} BLQ) by {args.method.upper()}", flush=True)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tree = ck.fit(model, data, estimate=_names(args.estimate), fixed=_assignments(args.fix, "--fix"),
+                      error=error, method=args.method, chains=args.chains, warmup=args.warmup,
+                      samples=args.samples, seed=args.seed, svi_steps=args.svi_steps, progress=not args.quiet)
+    _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
+    elapsed = time.perf_counter() - t0
+    tree.attrs["history"] = "carkin fit " + " ".join(args.argv)
+    out.mkdir(parents=True, exist_ok=True)
+    fit_file = ck.save_fit(tree, out / FIT_FILE)
+    table = parameter_table(tree)
+    table.to_csv(out / "parameters.csv", index=False)
+    cols = [c for c in table.columns if c not in ("units", "description")]
+    rows = [[str(r["parameter"])] + [_fmt(r[c]) for c in cols[1:]] for _, r in table.iterrows()]
+    print(f"done in {elapsed:.1f} s")
+    print(_table(rows, cols))
+    paths = [] if args.no_plots else save_fit_plots(tree, out)
+    print(f"wrote {fit_file}, {out / 'parameters.csv'}" + "".join(f", {p}" for p in paths))
+    return 0
+
+
+def _cmd_vpc(args) -> int:
+    import carkin as ck
+    from carkin.diagnostics import vpc
+    from carkin.fitplots import plot_vpc
+
+    folder = Path(args.fit_dir)
+    path = folder / FIT_FILE if folder.is_dir() else folder
+    if not path.is_file():
+        raise CliError(f"no fit found at {path}; give the --out folder of 'carkin fit' (it holds {FIT_FILE})")
+    if args.n_replicates < 1:
+        raise CliError(f"--n-replicates must be >= 1, got {args.n_replicates}")
+    tree = ck.load_fit(path)
+    table = vpc(tree, n_replicates=args.n_replicates, seed=args.seed)
+    out = path.parent
+    table.to_csv(out / "vpc.csv", index=False)
+    plot_vpc(table).savefig(out / "vpc.png", dpi=120)
+    print(f"VPC of {tree.attrs['model']} fit ({args.n_replicates} replicates of the study): wrote {out / 'vpc.csv'}, "
+          f"{out / 'vpc.png'}")
     return 0
 
 
@@ -351,12 +442,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end of the partial AUC in days (default %(default)s: AUC0-28)")
     p.add_argument("--out", metavar="RESULT.csv", help="also write the results to this CSV")
     p.set_defaults(func=_cmd_nca)
+
+    p = sub.add_parser(
+        "fit", help="fit a population model to a NONMEM-style dataset (NUTS, or SVI for a quick look)",
+        formatter_class=fmt,
+        description="Fit a model's population parameters (typical values, between-subject variability, residual "
+                    "error) to a NONMEM-style CSV (ID, TIME in days, EVID, AMT, DV, DVID, BLQ/LLOQ, covariates; "
+                    "optional TOML sidecar beside it). BLQ records enter as censored (M3). Writes the fit "
+                    f"({FIT_FILE}, an ArviZ DataTree), parameters.csv (also printed) and plots to --out.",
+        epilog="examples:\n"
+               "  carkin fit data/stein_sim.csv --model stein_2019 --out out/stein\n"
+               "  carkin fit data/cd7_sim.csv --model cd7_cart --estimate rho,k_kill,d_e,f_blood --method svi "
+               "--out out/cd7\n"
+               "\nBad data: every problem is listed (file, row, ID, column) and the exit status is 2.",
+    )
+    p.add_argument("data", metavar="DATA.csv", help="NONMEM-style CSV (a sidecar DATA.toml beside it is read)")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'carkin models')")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--method", choices=("nuts", "svi"), default="nuts",
+                   help="nuts: full posterior (default); svi: quick variational approximation")
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=500, help="NUTS warmup iterations per chain (default %(default)s)")
+    p.add_argument("--samples", type=int, default=500, help="NUTS draws per chain (default %(default)s)")
+    p.add_argument("--svi-steps", type=int, default=3000, help="SVI optimisation steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--estimate", metavar="P1,P2,...",
+                   help="parameters to estimate (default: all not fixed); the rest stay at the model's values")
+    p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
+    p.add_argument("--error", metavar="KIND | OBS=KIND,...",
+                   help="residual error: log-additive, proportional or combined, for all observables or per "
+                        "observable (default: log-additive)")
+    p.add_argument("--product-type", metavar="TYPE", help="product type, for models that have one")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("vpc", help="redraw the visual predictive check of a saved fit",
+                       description="Simulate the study design of a saved fit from its posterior and redraw the "
+                                   "BLQ-aware visual predictive check (vpc.csv and vpc.png in the fit's folder).")
+    p.add_argument("fit_dir", metavar="DIR", help=f"the --out folder of 'carkin fit' (or its {FIT_FILE})")
+    p.add_argument("--n-replicates", type=int, default=200, help="simulated replicates of the study "
+                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.set_defaults(func=_cmd_vpc)
     return parser
 
 
 # Options whose value may be a negative number, which argparse would take for an option flag.
 _NUMERIC_OPTIONS = ("--dose", "--fractions", "--days", "--times", "--weight", "--lloq", "--partial-end", "--seed",
-                    "--n-subjects")
+                    "--n-subjects", "--chains", "--warmup", "--samples", "--svi-steps", "--n-replicates")
 
 
 def _glue_negative_values(argv: list[str]) -> list[str]:
@@ -396,10 +530,18 @@ def main(argv=None) -> int:
         return args.func(args)
     # User input errors surface as these types from carkin (ValueError for bad values, KeyError
     # for unknown names, OSError for files); anything else is a bug and keeps its traceback.
-    except (CliError, ValueError, TypeError, KeyError, OSError) as e:
+    except Exception as e:
+        from carkin.data import DatasetError
+        from carkin.inference import FitError
+
+        if not isinstance(e, (CliError, ValueError, TypeError, KeyError, OSError, FitError)):
+            raise
         if os.environ.get("CARKIN_DEBUG"):
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+
+        # A dataset's problems are listed one per line, all of them; other errors fit on one line.
+        text = str(e) if isinstance(e, DatasetError) else _one_line(e)
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return EXIT_USAGE
 
 

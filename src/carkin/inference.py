@@ -49,6 +49,10 @@ class FitWarning(UserWarning):
     """A sampler diagnostic is off (divergences, R-hat, ESS, tree depth)."""
 
 
+class FitError(RuntimeError):
+    """The fit itself failed numerically (not a problem with the arguments)."""
+
+
 class ModelDataError(ValueError):
     """The dataset does not fit the model (unknown observable, missing covariate...)."""
 
@@ -410,7 +414,7 @@ def _svi(problem: Problem, key, steps: int, n_draws: int, progress: bool):
     result = svi.run(k_fit, steps, progress_bar=progress)
     losses = np.asarray(result.losses)
     if not np.isfinite(losses[-1]):
-        raise RuntimeError("the variational fit failed (its loss is not finite at the end); check the data and "
+        raise FitError("the variational fit failed (its loss is not finite at the end); check the data and "
                            "priors, fix poorly identified parameters, or use method='nuts'")
     tail = max(steps // 10, 1)
     if steps >= 2 * tail and abs(losses[-tail:].mean() - losses[-2 * tail:-tail].mean()) > SVI_DRIFT_MAX * (
