@@ -332,6 +332,15 @@ def _cmd_fit(args) -> int:
     rows = [[str(r["parameter"])] + [_fmt(r[c]) for c in cols[1:]] for _, r in table.iterrows()]
     print(f"done in {elapsed:.1f} s")
     print(_table(rows, cols))
+    if args.method == "nuts":
+        from carkin.diagnostics import loo
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            elpd = loo(tree)
+        bad_k = int((elpd.pareto_k.values > elpd.good_k).sum())
+        note = f"; {bad_k} observation(s) with Pareto k > {elpd.good_k:.2f} (LOO unreliable there)" if bad_k else ""
+        print(f"PSIS-LOO: elpd_loo {elpd.elpd:.1f} (SE {elpd.se:.1f}), p_loo {elpd.p:.1f}{note}")
     paths = [] if args.no_plots else save_fit_plots(tree, out)
     print(f"wrote {fit_file}, {out / 'parameters.csv'}" + "".join(f", {p}" for p in paths))
     return 0

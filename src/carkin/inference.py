@@ -151,7 +151,7 @@ def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov):
 
 
 @dataclass(frozen=True)
-class Problem:
+class FitProblem:
     """A model, a design and the population structure: everything the log density needs.
 
     ``estimated`` are the parameters with a population typical value to estimate;
@@ -260,7 +260,7 @@ def default_priors(model: Model, estimated, random, columns, errors, design: Des
 
 
 def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, variability=None,
-                 covariate_effects=(), error=None, priors=None) -> Problem:
+                 covariate_effects=(), error=None, priors=None) -> FitProblem:
     """Assemble the population problem, checking every name against the model and the data."""
     if not isinstance(model, Model):
         raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
@@ -299,7 +299,7 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
             raise ValueError(f"covariate effect on {e.parameter!r}: that parameter is not estimated")
     columns, x = effect_columns(effects, data.covariates, data.path)
     prior_table, meta = default_priors(model, estimated, random, columns, errors, design, dict(priors or {}))
-    return Problem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta)
+    return FitProblem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta)
 
 
 # --- fit -----------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def default_chain_method(chains: int) -> str:
     return "parallel" if jax.local_device_count() >= chains else "vectorized"
 
 
-def _nuts(problem: Problem, key, chains, warmup, samples, target_accept, max_tree_depth, start, chain_method,
+def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, chain_method,
           progress):
     from numpyro.infer import MCMC, NUTS, init_to_median, init_to_value
 
@@ -397,7 +397,7 @@ def _nuts(problem: Problem, key, chains, warmup, samples, target_accept, max_tre
     return draws, stats
 
 
-def _svi(problem: Problem, key, steps: int, n_draws: int, progress: bool):
+def _svi(problem: FitProblem, key, steps: int, n_draws: int, progress: bool):
     """Variational fit (independent normals on the unconstrained scale): a quick look, and a start for NUTS.
 
     The joint posterior mode of a hierarchical model is degenerate (omega -> 0 with the
@@ -430,7 +430,7 @@ def _svi(problem: Problem, key, steps: int, n_draws: int, progress: bool):
 # --- results as an ArviZ DataTree ------------------------------------------------------------------
 
 
-def _derived(problem: Problem, draws: dict, key):
+def _derived(problem: FitProblem, draws: dict, key):
     """Per draw: individual parameters, predictions (individual and population), pointwise
     log-likelihood and a replicate measurement of every observation."""
     d = problem.design
@@ -465,13 +465,13 @@ def _derived(problem: Problem, draws: dict, key):
     return [np.concatenate(parts).reshape((chains, n_draw) + parts[0].shape[1:]) for parts in zip(*outs)]
 
 
-def _obs_units(problem: Problem) -> str:
+def _obs_units(problem: FitProblem) -> str:
     units = {o.name: o.unit for o in problem.model.observables}
     names = problem.design.observables
     return units[names[0]] if len(names) == 1 else "; ".join(f"{n}: {units[n]}" for n in names)
 
 
-def to_datatree(problem: Problem, data: StudyData, draws: dict, stats, settings: dict, key) -> xr.DataTree:
+def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settings: dict, key) -> xr.DataTree:
     model, d = problem.model, problem.design
     theta, ipred, pred, loglik, rep = _derived(problem, draws, key)
     chains, n_draw = ipred.shape[:2]
@@ -646,7 +646,7 @@ def load_fit(path) -> xr.DataTree:
 # --- reuse a saved fit --------------------------------------------------------------------------
 
 
-def problem_from_tree(tree: xr.DataTree) -> Problem:
+def problem_from_tree(tree: xr.DataTree) -> FitProblem:
     """Rebuild the population problem of a fit (for predictions and VPCs) from the DataTree alone."""
     from carkin.library import load_model
     from carkin.population import EffectColumn
@@ -673,7 +673,7 @@ def problem_from_tree(tree: xr.DataTree) -> Problem:
     estimated = tuple(n for n in np.atleast_1d(tree.attrs["estimated"]).astype(str) if n)
     random = tuple(n for n in np.atleast_1d(tree.attrs["random"]).astype(str) if n)
     sites = population_sites(tree)
-    return Problem(model, design, estimated, random, columns, x, errors, {s: None for s in sites})
+    return FitProblem(model, design, estimated, random, columns, x, errors, {s: None for s in sites})
 
 
 def posterior_draws(tree: xr.DataTree) -> dict:
@@ -687,7 +687,7 @@ def posterior_draws(tree: xr.DataTree) -> dict:
     return draws
 
 
-def simulate_replicates(problem: Problem, draws: dict, key, n_replicates: int) -> np.ndarray:
+def simulate_replicates(problem: FitProblem, draws: dict, key, n_replicates: int) -> np.ndarray:
     """(n_replicates, N) new measurements of the study design: each replicate takes a posterior
     draw of the population parameters, new subjects (new random effects) and residual error."""
     d = problem.design
