@@ -489,3 +489,55 @@ def plot_endpoints(
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
     return fig
+
+
+def whatif_table(ds: xr.Dataset) -> pd.DataFrame:
+    """Per-subject endpoints of a what-if Dataset as a long table (dose_per_kg, schedule, endpoints)."""
+    names = [k for k in ("cmax", "tmax", "auc_0_28", "nadir", "recovery_day", "tumour_reduction", "p_dlt")
+             if k in ds]
+    df = ds[names].where(~ds["failed"].astype(bool)).to_dataframe().reset_index()
+    df = df.rename(columns={"dose": "dose_per_kg"})
+    df.attrs["units"] = {k: ds[k].attrs.get("units", "") for k in names}
+    return df
+
+
+def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str | None = None):
+    """Population probabilities against dose, one line per schedule: P(DLT), MRD negativity on
+    day 28 and the fraction whose normal cells recover, with the 90% interval over posterior
+    draws when the Dataset has a ``draw`` dimension."""
+    import matplotlib
+
+    panels = [(k, lab) for k, lab in (("p_dlt", "P(DLT)"), ("mrd_negative", "MRD-negative on day 28"),
+                                      ("recovered", "normal cells back to half of baseline")) if k in ds or
+              (k == "recovered" and "recovery_day" in ds)]
+    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    colours = matplotlib.colormaps["tab10"].colors
+    doses = ds["dose"].values
+    ok = ~ds["failed"].astype(bool)
+    for ax, (key, label) in zip(axes, panels):
+        value = np.isfinite(ds["recovery_day"]) if key == "recovered" else ds[key]
+        value = value.astype(float).where(ok)
+        for j, sched in enumerate(ds["schedule"].values):
+            v = value.sel(schedule=sched)
+            pooled = [d for d in ("draw", "subject") if d in v.dims]
+            ax.plot(doses, v.mean(pooled).values, marker="o", color=colours[j % 10], label=str(sched))
+            if "draw" in v.dims:
+                per_draw = v.mean("subject")
+                ax.fill_between(doses, per_draw.quantile(0.05, "draw").values, per_draw.quantile(0.95, "draw").values,
+                                color=colours[j % 10], alpha=0.2, lw=0)
+        ax.set_xscale("log")
+        ax.set_xticks(doses, [_sci(d) for d in doses])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("total dose (cells/kg)")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize="medium")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)), fontsize="small",
+               frameon=False)
+    band = " (band: 90% interval over posterior draws)" if "draw" in ds.dims else ""
+    fig.suptitle(title or f"Dose-response, population fraction{band}", fontsize="large")
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig

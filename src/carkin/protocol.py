@@ -1,0 +1,192 @@
+"""Trial protocols as TOML files: product, model, doses and schedule, population, sampling, design.
+
+A protocol file is read into a :class:`Protocol`; ``population`` samples virtual
+patients from its eligibility ranges; ``run_whatif`` and ``run_trial`` simulate it.
+See ``examples/protocols/`` for the five seed protocols.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from carkin.toxicity import DLTModel, default_dlt_model
+from carkin.whatif import HoldRule, Schedule
+
+WEIGHT_CV = 0.2  # log-SD of weight around the age-typical value
+WEIGHT_BOUNDS = (10.0, 150.0)
+DESIGNS = ("3+3", "boin", "crm", "single-arm")
+
+
+class ProtocolError(ValueError):
+    """A protocol file that cannot be used, with the file and key named."""
+
+
+def typical_weight_kg(age_years):
+    """Age-typical body weight: 2 x age + 8 kg up to 12 years (the paediatric life-support rule of
+    thumb), rising linearly to 65 kg at 18, 70 kg for adults."""
+    age = np.asarray(age_years, float)
+    child = 2.0 * age + 8.0
+    teen = 32.0 + (age - 12.0) * (65.0 - 32.0) / 6.0
+    return np.where(age <= 12, child, np.where(age < 18, teen, 70.0))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    path: str
+    id: str
+    title: str
+    product: str
+    target: str
+    indication: str
+    setting: str
+    model: str
+    model_options: dict
+    doses: tuple[float, ...]
+    schedule: Schedule
+    compare: tuple[Schedule, ...]  # schedules set side by side in what-if runs
+    n_subjects: int
+    age_years: tuple[float, float]
+    ranges: dict  # covariate -> (low, high), sampled log-uniform
+    weight_kg: tuple[float, float]
+    sampling_days: tuple[float, ...]
+    marrow_days: tuple[float, ...]
+    endpoints: tuple[str, ...]
+    design: dict
+    dlt: DLTModel
+    notes: dict = field(default_factory=dict)
+
+    def load_model(self):
+        from carkin.library import load_model
+
+        return load_model(self.model, **self.model_options)
+
+    def population(self, n: int | None = None, seed: int = 0) -> dict:
+        """Covariates of ``n`` virtual patients (default the protocol's n_subjects): age uniform over the
+        eligible range, weight from age, other covariates log-uniform over their ranges."""
+        n = n or self.n_subjects
+        rng = np.random.default_rng(seed)
+        age = rng.uniform(*self.age_years, n)
+        weight = typical_weight_kg(age) * np.exp(WEIGHT_CV * rng.standard_normal(n))
+        out = {"AGE": age, "WT": np.clip(weight, *self.weight_kg)}
+        for name, (lo, hi) in self.ranges.items():
+            out[name] = np.exp(rng.uniform(math.log(lo), math.log(hi), n))
+        return out
+
+
+def _get(table: dict, key: str, path: str, kind, default=None, required=False):
+    if key not in table:
+        if required:
+            raise ProtocolError(f"{path}: missing key {key!r}")
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
+    if not ok:
+        raise ProtocolError(f"{path}: {key} = {value!r} should be a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _numbers(table, key, path, default=None, required=False, length=None):
+    values = _get(table, key, path, list, default, required)
+    if values is None:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ProtocolError(f"{path}: {key} must be a list of numbers, got {values!r}")
+    if length is not None and len(values) != length:
+        raise ProtocolError(f"{path}: {key} must have {length} numbers, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def read_protocol(path) -> Protocol:
+    """Read and check a protocol TOML file; every problem names the file and the key."""
+    path = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProtocolError(f"no such protocol file: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{path}: not valid TOML: {e}") from None
+    sections = {k: raw.get(k, {}) for k in ("protocol", "model", "dosing", "population", "sampling", "design",
+                                             "toxicity")}
+    for name in ("protocol", "model", "dosing", "population", "design"):
+        if name not in raw:
+            raise ProtocolError(f"{path}: missing table [{name}]")
+    p, m, d, pop, s, des = (sections[k] for k in ("protocol", "model", "dosing", "population", "sampling", "design"))
+    model_name = _get(m, "name", f"{path} [model]", str, required=True)
+    options = {k: v for k, v in m.items() if k != "name"}
+    where = f"{path} [dosing]"
+    doses = _numbers(d, "levels", where, required=True)
+    if not doses or any(x <= 0 for x in doses) or list(doses) != sorted(set(doses)):
+        raise ProtocolError(f"{where}: levels must be increasing positive doses in cells/kg, got {list(doses)}")
+    kind = _get(d, "schedule", where, str, "single")
+    hold = _get(d, "hold_threshold", where, (int, float))
+    fractions = _numbers(d, "fractions", where, (0.1, 0.3, 0.6) if kind == "split" else (1.0,))
+    days = _numbers(d, "days", where, (0.0, 1.0, 2.0) if kind == "split" else (0.0,))
+    try:
+        schedule = Schedule(kind if kind == "single" else "split " + "/".join(f"{100 * f:g}" for f in fractions),
+                            fractions, days, HoldRule(float(hold)) if hold is not None else None)
+    except ValueError as e:
+        raise ProtocolError(f"{where}: {e}") from None
+    compare = [schedule]
+    other = Schedule("single") if kind == "split" else Schedule("split 10/30/60", (0.1, 0.3, 0.6), (0.0, 1.0, 2.0))
+    if _get(d, "compare_schedules", where, bool, True):
+        compare.append(other)
+    where = f"{path} [population]"
+    age = _numbers(pop, "age_years", where, required=True, length=2)
+    ranges = {}
+    for key, cov in (("blast_percent", "BLAST"), ("cd7n0_cells_per_ul", "CD7N0"), ("bcell_cells_per_ul", "BCELL")):
+        r = _numbers(pop, key, where, length=2)
+        if r is not None:
+            if not 0 < r[0] <= r[1]:
+                raise ProtocolError(f"{where}: {key} must be [low, high] with 0 < low <= high, got {list(r)}")
+            ranges[cov] = r
+    weight = _numbers(pop, "weight_kg", where, WEIGHT_BOUNDS, length=2)
+    design = dict(des)
+    name = str(design.get("name", ""))
+    if name not in DESIGNS:
+        raise ProtocolError(f"{path} [design]: name must be one of {', '.join(DESIGNS)}, got {name!r}")
+    tox = sections["toxicity"]
+    dlt = default_dlt_model(model_name)
+    known = {f for f in DLTModel.__dataclass_fields__}
+    bad = sorted(set(tox) - known)
+    if bad:
+        raise ProtocolError(f"{path} [toxicity]: unknown key(s) {bad}; known: {sorted(known)}")
+    try:
+        dlt = replace(dlt, **tox)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"{path} [toxicity]: {e}") from None
+    return Protocol(
+        path=path, id=str(p.get("id", Path(path).stem)), title=str(p.get("title", "")),
+        product=str(p.get("product", "")), target=str(p.get("target", "")), indication=str(p.get("indication", "")),
+        setting=str(p.get("setting", "")), model=model_name, model_options=options, doses=doses,
+        schedule=schedule, compare=tuple(compare), n_subjects=int(_get(pop, "n_subjects", where, int, 200)),
+        age_years=age, ranges=ranges, weight_kg=weight,
+        sampling_days=_numbers(s, "days", f"{path} [sampling]", (0.0, 7.0, 14.0, 28.0)),
+        marrow_days=_numbers(s, "bone_marrow_days", f"{path} [sampling]", ()),
+        endpoints=tuple(s.get("endpoints", ())), design=design, dlt=dlt, notes=dict(raw.get("notes", {})),
+    )
+
+
+def _visits(ds: xr.Dataset, variable: str, days) -> xr.DataArray:
+    return ds[variable].sel(time=list(days))
+
+
+def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=0) -> xr.Dataset:
+    """The what-if grid of a protocol: its doses x schedules for its population, with the values at
+    the protocol's sampling visits (blood) and bone-marrow visits added."""
+    from carkin.whatif import whatif
+
+    model = protocol.load_model()
+    n = n_subjects or protocol.n_subjects
+    covs = protocol.population(n, seed)
+    covs = {k: v for k, v in covs.items() if k in {c.name for c in model.covariates}}
+    visits = tuple(protocol.sampling_days) + tuple(protocol.marrow_days)
+    horizon = max(90.0, *visits)
+    return whatif(model, protocol.doses, schedules or protocol.compare, n_subjects=n, covariates=covs,
+                  times=f"0:{horizon:g}:1", seed=seed, dlt_model=protocol.dlt,
+                  visit_days=protocol.sampling_days, marrow_days=protocol.marrow_days)
