@@ -386,7 +386,15 @@ def _cmd_whatif(args) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ck.SimulationWarning)
-        ds = simulate_protocol(protocol, n_subjects=args.n_subjects, seed=args.seed)
+        posterior = None
+        if args.posterior is not None:
+            fit_path = Path(args.posterior)
+            fit_path = fit_path / FIT_FILE if fit_path.is_dir() else fit_path
+            if not fit_path.is_file():
+                raise CliError(f"--posterior: no fit at {fit_path}")
+            posterior = ck.load_fit(fit_path)
+        ds = simulate_protocol(protocol, n_subjects=args.n_subjects, seed=args.seed, posterior=posterior,
+                               n_draws=args.n_draws)
     _print_warnings(caught)
     ds.attrs.update(protocol=protocol.id, history="carkin whatif " + " ".join(args.argv))
     table = summarize(ds)
@@ -397,7 +405,8 @@ def _cmd_whatif(args) -> int:
                                        ("dose_received_median", "dose received")) if k in table]
     rows, header = _summary_rows(table, cols)
     print(f"{protocol.id}: {protocol.title}")
-    print(f"{protocol.model}, {ds.sizes['subject']} virtual patients x {ds.sizes['dose']} doses x "
+    draws = f" x {ds.sizes['draw']} posterior draws" if "draw" in ds.dims else ""
+    print(f"{protocol.model}, {ds.sizes['subject']} virtual patients{draws} x {ds.sizes['dose']} doses x "
           f"{ds.sizes['schedule']} schedules in {time.perf_counter() - t0:.1f} s; median over patients, "
           "probabilities as population fractions")
     print(_table(rows, header))
@@ -410,6 +419,114 @@ def _cmd_whatif(args) -> int:
     plot_dose_response(ds, path=out / "dose_response.png", title=f"{protocol.id}: dose-response")
     print(f"wrote {out / 'whatif.nc'}, {out / 'whatif_summary.csv'}, {out / 'dose_exposure.png'}, "
           f"{out / 'dose_response.png'}")
+    return 0
+
+
+def _design_from_args(args):
+    from carkin.trials import BOIN, CRM, ThreePlusThree
+
+    if args.design == "3+3":
+        return ThreePlusThree(variant=args.variant or "escalation-only", accelerated_doses=args.accelerated_doses)
+    if args.variant is not None or args.accelerated_doses:
+        raise CliError("--variant and --accelerated-doses apply to --design 3+3 only")
+    if args.design == "boin":
+        return BOIN(target=args.target, cohort_size=args.cohort_size, n_cohorts=args.n_cohorts)
+    if not args.skeleton:
+        raise CliError("--design crm needs --skeleton (prior DLT probabilities, one per dose)")
+    return CRM(skeleton=tuple(_numbers(args.skeleton, "--skeleton")), target=args.target,
+               cohort_size=args.cohort_size, n_cohorts=args.n_cohorts)
+
+
+def _cmd_trial_design(args) -> int:
+    import json
+
+    from carkin.trials import exact_operating_characteristics, simulate_trials
+
+    if args.p_dlt is None:
+        raise CliError("give a PROTOCOL.toml, or --design with --p-dlt (DLT probability per dose, e.g. 0.05,0.1,0.2)")
+    p = _numbers(args.p_dlt, "--p-dlt")
+    if any(not 0 <= x <= 1 for x in p):
+        raise CliError(f"--p-dlt: probabilities must lie in [0, 1], got {args.p_dlt}")
+    design = _design_from_args(args)
+    if args.exact:
+        if args.design != "3+3":
+            raise CliError("--exact works for --design 3+3 (with or without --accelerated-doses); use --n-trials")
+        oc = exact_operating_characteristics(design, p)
+    else:
+        if args.n_trials is None or args.n_trials < 1:
+            raise CliError("give --exact, or --n-trials N (>= 1) for a Monte Carlo estimate")
+        oc = simulate_trials(design, p_dlt=p, n_trials=args.n_trials, seed=args.seed)
+    result = oc.to_dict()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['design']}" + (f" ({result['variant']})" if result.get("variant") else "")
+          + f", {result['method']}" + (f", {result['n_trials']} trials" if result.get("n_trials") else ""))
+    rows = [["none", "", _fmt(result["p_select"][0]), "", ""]]
+    rows += [[f"dose {k + 1}", _fmt(p[k]), _fmt(result["p_select"][k + 1]), _fmt(result["expected_n_per_dose"][k]),
+              _fmt(result["expected_dlt_per_dose"][k])] for k in range(len(p))]
+    print(_table(rows, ["", "P(DLT)", "P(select)", "E[n]", "E[DLT]"]))
+    print(f"expected subjects {_fmt(result['expected_n'])}, expected DLTs {_fmt(result['expected_dlt'])}")
+    return 0
+
+
+def _cmd_trial(args) -> int:
+    if args.protocol is None:
+        return _cmd_trial_design(args)
+    if args.design is not None:
+        raise CliError("give either a PROTOCOL.toml or --design options, not both")
+    if args.out is None:
+        raise CliError("with a PROTOCOL.toml, --out DIR is required")
+    import json
+
+    import pandas as pd
+
+    import carkin as ck
+    from carkin.plots import plot_trial
+    from carkin.protocol import read_protocol, run_protocol_trial
+
+    protocol = read_protocol(args.protocol)
+    for opt in ("n_trials", "n_subjects"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ck.SimulationWarning)
+        ds, oc = run_protocol_trial(protocol, n_trials=args.n_trials, n_subjects=args.n_subjects, seed=args.seed)
+    _print_warnings(caught)
+    ds.attrs["history"] = "carkin trial " + " ".join(args.argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_netcdf(ds, out / "trial.nc")
+    (out / "operating_characteristics.json").write_text(json.dumps(oc, indent=1))
+    rows = []
+    pop_dlt = ds["population_p_dlt"].mean("subject").values
+    pop_cmax = ds["population_cmax"].median("subject").values
+    for k, dose in enumerate(protocol.doses):
+        row = {"dose_per_kg": dose, "population_p_dlt": pop_dlt[k], "population_cmax_median": pop_cmax[k]}
+        if "p_select" in oc:
+            row.update(p_select=oc["p_select"][k + 1], expected_n=oc["expected_n_per_dose"][k],
+                       expected_dlt=oc["expected_dlt_per_dose"][k])
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    summary.to_csv(out / "trial_summary.csv", index=False)
+    patient_cols = [k for k in ds.data_vars if k.startswith("patient_") and ds[k].dims == ("patient",)]
+    ds[patient_cols].to_dataframe().to_csv(out / "trial_patients.csv")
+    plot_trial(ds, oc, path=out / "trial.png", title=f"{protocol.id}: {oc['design']}")
+    print(f"{protocol.id}: {protocol.title}")
+    print(f"design {oc['design']}" + (f" ({oc['variant']})" if oc.get("variant") else "")
+          + f"; {oc['n_trials']} simulated trials; DLT link: {protocol.dlt.name}; in {time.perf_counter() - t0:.1f} s")
+    cols = [(c, c) for c in summary.columns]
+    table_rows, header = _summary_rows(summary, cols)
+    if "p_select" in oc:
+        table_rows.insert(0, ["none", "", "", _fmt(oc["p_select"][0]), "", ""])
+    print(_table(table_rows, header))
+    n_pat = ds.sizes["patient"]
+    print(f"example trial: {n_pat} patients, {int(ds['patient_dlt'].sum())} DLT(s)"
+          + (f", selected dose {_fmt(oc['example_trial_selected_dose'])} cells/kg"
+             if oc.get("example_trial_selected_dose") else ""))
+    print(f"wrote {out / 'trial.nc'}, {out / 'trial_summary.csv'}, {out / 'trial_patients.csv'}, "
+          f"{out / 'operating_characteristics.json'}, {out / 'trial.png'}")
     return 0
 
 
@@ -555,13 +672,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--n-subjects", type=int, metavar="N", help="virtual patients (default: the protocol's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--posterior", metavar="FIT", help="a 'carkin fit' folder or fit.nc of the protocol's model: "
+                   "parameters from posterior draws, so their uncertainty propagates")
+    p.add_argument("--n-draws", type=int, default=20, help="posterior draws with --posterior (default %(default)s)")
     p.set_defaults(func=_cmd_whatif)
+
+    p = sub.add_parser(
+        "trial", help="simulate a protocol's dose-escalation trial, or a design's operating characteristics",
+        formatter_class=fmt,
+        description="With PROTOCOL.toml: simulate the trial end to end (virtual patients per dose from the kinetic "
+                    "model, DLTs from the toxicity link, the escalation design) and write trial.nc, "
+                    "trial_summary.csv, trial_patients.csv, operating_characteristics.json and trial.png. "
+                    "Without it: operating characteristics of a design for given DLT probabilities per dose.",
+        epilog="examples:\n"
+               "  carkin trial examples/protocols/cd7_carnk_accelerated_titration.toml --out out/trial\n"
+               "  carkin trial --design 3+3 --variant escalation-only --p-dlt 0.05,0.1,0.2 --exact --json\n"
+               "  carkin trial --design 3+3 --accelerated-doses 1 --p-dlt 0.02,0.08,0.25 --n-trials 100000 --seed 1\n"
+               "  carkin trial --design boin --target 0.3 --cohort-size 3 --n-cohorts 10 --p-dlt 0.05,0.1,0.3,0.5 "
+               "--n-trials 10000\n"
+               "\n3+3 variants: escalation-only (stop at the first dose with >= 2 DLTs; MTD = the dose below);\n"
+               "de-escalation (go down and expand the lower dose to 6; MTD = highest dose with <= 1/6 DLTs).",
+    )
+    p.add_argument("protocol", nargs="?", metavar="PROTOCOL.toml", help="protocol file (see examples/protocols/)")
+    p.add_argument("--out", metavar="DIR", help="output folder (protocol mode)")
+    p.add_argument("--n-subjects", type=int, metavar="N",
+                   help="virtual patients per dose level (default: the protocol's)")
+    p.add_argument("--design", choices=("3+3", "boin", "crm"), help="design-only mode: the escalation design")
+    p.add_argument("--variant", choices=("escalation-only", "de-escalation"), help="3+3 variant")
+    p.add_argument("--accelerated-doses", type=int, default=0, metavar="K",
+                   help="accelerated titration (1 patient per cohort) for the first K doses (3+3 only)")
+    p.add_argument("--p-dlt", metavar="P1,P2,...", help="DLT probability per dose, lowest dose first")
+    p.add_argument("--target", type=float, default=0.3, help="target DLT rate (boin, crm; default %(default)s)")
+    p.add_argument("--cohort-size", type=int, default=3, help="boin, crm (default %(default)s)")
+    p.add_argument("--n-cohorts", type=int, default=10, help="boin, crm (default %(default)s)")
+    p.add_argument("--skeleton", metavar="S1,S2,...", help="crm: prior DLT probabilities per dose")
+    p.add_argument("--exact", action="store_true", help="exact operating characteristics (3+3, enumerating paths)")
+    p.add_argument("--n-trials", type=int, metavar="N", help="simulated trials (Monte Carlo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="design-only mode: print the result as JSON")
+    p.set_defaults(func=_cmd_trial)
     return parser
 
 
 # Options whose value may be a negative number, which argparse would take for an option flag.
 _NUMERIC_OPTIONS = ("--dose", "--fractions", "--days", "--times", "--weight", "--lloq", "--partial-end", "--seed",
-                    "--n-subjects", "--chains", "--warmup", "--samples", "--svi-steps", "--n-replicates")
+                    "--n-subjects", "--chains", "--warmup", "--samples", "--svi-steps", "--n-replicates", "--n-trials",
+                    "--p-dlt", "--target", "--skeleton", "--accelerated-doses", "--cohort-size", "--n-cohorts")
 
 
 def _glue_negative_values(argv: list[str]) -> list[str]:

@@ -541,3 +541,50 @@ def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str 
     if path is not None:
         fig.savefig(path, dpi=dpi)
     return fig
+
+
+def plot_trial(patients: xr.Dataset, oc: dict, *, path=None, dpi: int = DPI, title: str | None = None):
+    """An escalation trial: the example trial's patients by enrolment order and dose (DLTs marked),
+    and the design's operating characteristics (probability of selecting each dose, expected
+    patients per dose) over the simulated trials."""
+    doses = list(oc["doses_per_kg"])
+    fig = Figure(figsize=(11, 4.0), layout="constrained")
+    ax_path, ax_oc = fig.subplots(1, 2)
+    level = np.searchsorted(doses, patients["patient_dose"].values) + 1
+    dlt = patients["patient_dlt"].values.astype(bool)
+    number = patients["patient"].values
+    ax_path.step(number, level, where="mid", color="0.6", lw=1)
+    ax_path.scatter(number[~dlt], level[~dlt], marker="o", color="tab:blue", label="no DLT", zorder=3)
+    ax_path.scatter(number[dlt], level[dlt], marker="X", s=70, color="tab:red", label="DLT", zorder=3)
+    ax_path.set_yticks(range(1, len(doses) + 1), [_sci(d) for d in doses])
+    ax_path.set_xlabel("patient (enrolment order)")
+    ax_path.set_ylabel("dose (cells/kg)")
+    ax_path.set_title("one simulated trial", fontsize="medium")
+    ax_path.legend(fontsize="small", loc="upper left")
+    ax_path.grid(True, alpha=0.3)
+    if "p_select" in oc:
+        labels = ["none"] + [_sci(d) for d in doses]
+        x = np.arange(len(labels))
+        err = oc.get("se_p_select")
+        ax_oc.bar(x - 0.2, oc["p_select"], width=0.4, color="tab:green", label="P(selected as MTD)",
+                  yerr=None if err is None else 1.96 * np.asarray(err, float), capsize=2)
+        ax2 = ax_oc.twinx()
+        ax2.bar(x[1:] + 0.2, oc["expected_n_per_dose"], width=0.4, color="tab:grey", alpha=0.7,
+                label="expected patients")
+        ax2.set_ylabel("expected patients per dose")
+        ax_oc.set_xticks(x, labels)
+        ax_oc.set_ylim(0, 1)
+        ax_oc.set_ylabel("probability of selection")
+        ax_oc.set_xlabel("dose (cells/kg)")
+        handles = ax_oc.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax_oc.legend(handles, ["P(selected as MTD)", "expected patients"], fontsize="small", loc="upper left")
+        ax_oc.set_title(f"operating characteristics, {oc.get('n_trials')} simulated trials", fontsize="medium")
+    else:  # single-arm study: no selection
+        ax_oc.axis("off")
+        ax_oc.text(0.02, 0.5, "\n".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
+                                        for k, v in oc.items() if k.startswith(("expected", "p_", "n_"))),
+                   family="monospace", fontsize="small", va="center")
+    fig.suptitle(title or f"{oc.get('protocol', '')}: {oc.get('design', '')}", fontsize="large")
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig

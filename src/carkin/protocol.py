@@ -7,6 +7,7 @@ See ``examples/protocols/`` for the five seed protocols.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -176,17 +177,117 @@ def _visits(ds: xr.Dataset, variable: str, days) -> xr.DataArray:
     return ds[variable].sel(time=list(days))
 
 
-def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=0) -> xr.Dataset:
+def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=0, posterior=None,
+                      n_draws: int = 20) -> xr.Dataset:
     """The what-if grid of a protocol: its doses x schedules for its population, with the values at
-    the protocol's sampling visits (blood) and bone-marrow visits added."""
+    the protocol's sampling visits (blood) and bone-marrow visits added. With ``posterior`` (a fit of
+    the protocol's model) parameters come from ``n_draws`` posterior draws, each with its own subjects."""
     from carkin.whatif import whatif
 
     model = protocol.load_model()
     n = n_subjects or protocol.n_subjects
+    copies = 1 if posterior is None else n_draws  # each draw's subjects share the sampled covariates
     covs = protocol.population(n, seed)
-    covs = {k: v for k, v in covs.items() if k in {c.name for c in model.covariates}}
+    covs = {k: np.tile(v, copies) for k, v in covs.items() if k in {c.name for c in model.covariates}}
     visits = tuple(protocol.sampling_days) + tuple(protocol.marrow_days)
     horizon = max(90.0, *visits)
     return whatif(model, protocol.doses, schedules or protocol.compare, n_subjects=n, covariates=covs,
-                  times=f"0:{horizon:g}:1", seed=seed, dlt_model=protocol.dlt,
+                  times=f"0:{horizon:g}:1", seed=seed, dlt_model=protocol.dlt, posterior=posterior, n_draws=n_draws,
                   visit_days=protocol.sampling_days, marrow_days=protocol.marrow_days)
+
+
+def design_of(protocol: Protocol):
+    """The escalation design object named in the protocol's [design] table."""
+    from carkin.trials import BOIN, CRM, ThreePlusThree
+
+    d, where = protocol.design, f"{protocol.path} [design]"
+    try:
+        if d["name"] == "3+3":
+            return ThreePlusThree(variant=d.get("variant", "escalation-only"),
+                                  accelerated_doses=int(d.get("accelerated_doses", 0)))
+        if d["name"] == "boin":
+            return BOIN(target=float(d.get("target", 0.3)), cohort_size=int(d.get("cohort_size", 3)),
+                        n_cohorts=int(d.get("n_cohorts", 10)))
+        if d["name"] == "crm":
+            return CRM(skeleton=tuple(d["skeleton"]), target=float(d.get("target", 0.3)),
+                       cohort_size=int(d.get("cohort_size", 3)), n_cohorts=int(d.get("n_cohorts", 10)))
+    except KeyError as e:
+        raise ProtocolError(f"{where}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"{where}: {e}") from None
+    return None  # single-arm: no escalation
+
+
+def _single_arm(pool: np.ndarray, n_patients: int, n_trials: int, rng) -> dict:
+    """A one-dose study: DLT counts over simulated trials of n_patients drawn from the pool."""
+    p = pool[rng.integers(pool.size, size=(n_trials, n_patients))]
+    dlts = (rng.random(p.shape) < p).sum(axis=1)
+    return {"design": "single-arm", "method": "monte-carlo", "n_trials": n_trials, "n_patients": n_patients,
+            "expected_dlt": float(dlts.mean()), "se_expected_dlt": float(dlts.std(ddof=1) / math.sqrt(n_trials)),
+            "p_any_dlt": float((dlts >= 1).mean()), "p_dlt_rate_above_one_third": float((dlts > n_patients / 3).mean()),
+            "p_dlt_population": float(pool.mean())}
+
+
+def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjects: int | None = None,
+                       seed: int = 0) -> tuple[xr.Dataset, dict]:
+    """Simulate a protocol's trial end to end.
+
+    Each dose level's virtual patients are simulated with the kinetic model (the protocol's
+    schedule); their DLT probabilities from the toxicity link form the pool each enrolled
+    patient is drawn from. The design then runs ``n_trials`` times for its operating
+    characteristics, and once more as an example trial whose patients keep their kinetics,
+    visit values and DLT outcome. Returns (Dataset of the example trial's patients and the
+    per-dose populations, operating characteristics as a JSON-ready dict).
+    """
+    from carkin.trials import run_trial, simulate_trials
+
+    n_trials = int(n_trials or protocol.design.get("n_trials", 1000))
+    if n_trials < 1:
+        raise ProtocolError(f"n_trials must be >= 1, got {n_trials}")
+    pop = simulate_protocol(protocol, schedules=(protocol.schedule,), n_subjects=n_subjects, seed=seed)
+    pop = pop.isel(schedule=0, drop=True)
+    p = pop["p_dlt"].where(~pop["failed"].astype(bool))
+    pools = np.where(np.isfinite(p.values), p.values, np.nanmean(p.values, axis=1, keepdims=True))
+    rng = np.random.default_rng(seed)
+    design = design_of(protocol)
+    if design is None:
+        n_patients = int(protocol.design.get("n_patients", 20))
+        oc = _single_arm(pools[0], n_patients, n_trials, rng)
+        idx = rng.integers(pools.shape[1], size=n_patients)
+        enrolled = [(0, int(i), bool(rng.random() < pools[0, i])) for i in idx]
+    else:
+        oc = simulate_trials(design, pools=pools, n_trials=n_trials, seed=rng).to_dict()
+        path = run_trial(design, pools=pools, rng=rng)
+        enrolled = [(c.dose, s, bool(d)) for c in path.cohorts for s, d in zip(c.subjects, c.subject_dlt)]
+        oc["example_trial_selected_dose"] = None if path.selected < 0 else float(protocol.doses[path.selected])
+        oc["example_trial_mtd_not_reached"] = path.mtd_not_reached
+    oc.update(protocol=protocol.id, doses_per_kg=list(protocol.doses), schedule=protocol.schedule.name,
+              dlt_model=protocol.dlt.describe())
+    ds = _patients(pop, enrolled)
+    ds.attrs.update(protocol=protocol.id, title=protocol.title, design=str(oc["design"]),
+                    operating_characteristics=json.dumps(oc))
+    return ds, oc
+
+
+def _patients(pop: xr.Dataset, enrolled) -> xr.Dataset:
+    """The example trial's patients (in enrolment order) with their endpoints, next to the per-dose
+    virtual populations they were drawn from."""
+    dose_i = np.array([e[0] for e in enrolled], int)
+    subj = np.array([e[1] for e in enrolled], int)
+    data = {
+        "patient_dose": ("patient", pop["dose"].values[dose_i], {"units": "cells/kg", "long_name": "dose level"}),
+        "patient_dlt": ("patient", np.array([e[2] for e in enrolled]), {"units": "1", "long_name": "DLT observed"}),
+        "patient_pool_index": ("patient", subj, {"units": "1", "long_name": "virtual subject in the dose pool"}),
+    }
+    for name, var in pop.data_vars.items():
+        if var.dims[:2] == ("dose", "subject"):
+            picked = var.values[dose_i, subj]
+            data[f"patient_{name}"] = (("patient",) + var.dims[2:], picked, dict(var.attrs))
+        elif var.dims == ("subject",) and not name.startswith("param_"):
+            data[f"patient_{name}"] = ("patient", var.values[subj], dict(var.attrs))
+    for name in ("cmax", "tmax", "auc_0_28", "p_dlt", "nadir", "mrd_negative"):
+        if name in pop:
+            data[f"population_{name}"] = (("dose", "subject"), pop[name].values, dict(pop[name].attrs))
+    coords = {k: pop.coords[k] for k in ("dose", "visit", "marrow_visit") if k in pop.coords}
+    coords["patient"] = np.arange(1, len(enrolled) + 1)
+    return xr.Dataset(data, coords=coords)

@@ -1,0 +1,123 @@
+"""The five seed protocols run end to end through the CLI (tiny settings); protocol files are checked;
+the design-only CLI prints the JSON the acceptance checks read."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from carkin.cli import main
+from carkin.protocol import ProtocolError, read_protocol
+from carkin.trials import ThreePlusThree, exact_operating_characteristics
+
+PROTOCOLS = sorted((Path(__file__).resolve().parents[1] / "examples" / "protocols").glob("*.toml"))
+TINY = ("--n-subjects", "6", "--seed", "1")
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_five_seed_protocols_are_shipped():
+    ids = {read_protocol(p).id for p in PROTOCOLS}
+    assert {"NCT06585345", "NCT04785833", "CD7-CAR-NK", "NCT07280494", "NCT02186860"} <= ids
+    ages = {read_protocol(p).id: read_protocol(p).age_years for p in PROTOCOLS}
+    assert ages["NCT07280494"][0] == 3 and ages["NCT06585345"] == (14, 65) and ages["CD7-CAR-NK"] == (18, 70)
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.stem)
+def test_protocol_trial_and_whatif_run_through_the_cli(path, tmp_path, capsys):
+    protocol = read_protocol(path)
+    code, out, err = run(capsys, "trial", path, "--out", tmp_path / "trial", "--n-trials", 50, *TINY)
+    assert code == 0, err
+    for name in ("trial.nc", "trial_summary.csv", "trial_patients.csv", "operating_characteristics.json",
+                 "trial.png"):
+        assert (tmp_path / "trial" / name).stat().st_size > 0, name
+    oc = json.loads((tmp_path / "trial" / "operating_characteristics.json").read_text())
+    with xr.open_dataset(tmp_path / "trial" / "trial.nc") as ds:
+        assert ds.sizes["patient"] >= 1
+        assert set(np.unique(ds["patient_dose"].values)) <= set(protocol.doses)
+        assert "patient_car_copies_at_visit" in ds and ds.sizes["visit"] == len(protocol.sampling_days)
+        if protocol.marrow_days:
+            assert "patient_blasts_at_marrow_visit" in ds
+    if "p_select" in oc:
+        assert len(oc["p_select"]) == len(protocol.doses) + 1
+        assert sum(oc["p_select"]) == pytest.approx(1.0)
+
+    code, out, err = run(capsys, "whatif", path, "--out", tmp_path / "whatif", *TINY)
+    assert code == 0, err
+    for name in ("whatif.nc", "whatif_summary.csv", "dose_exposure.png", "dose_response.png"):
+        assert (tmp_path / "whatif" / name).stat().st_size > 0, name
+    with xr.open_dataset(tmp_path / "whatif" / "whatif.nc") as ds:
+        assert ds.sizes["dose"] == len(protocol.doses) and ds.sizes["schedule"] == 2
+        assert {"cmax", "tmax", "auc_0_28", "p_dlt"} <= set(ds.data_vars)
+
+
+def test_design_only_json_matches_the_exact_calculator(capsys):
+    code, out, err = run(capsys, "trial", "--design", "3+3", "--variant", "de-escalation", "--p-dlt",
+                         "0.05,0.10,0.20", "--exact", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    expected = exact_operating_characteristics(ThreePlusThree("de-escalation"), [0.05, 0.1, 0.2])
+    np.testing.assert_allclose(result["p_select"], expected.p_select)
+    assert result["expected_n"] == pytest.approx(expected.expected_n)
+    assert {"p_select", "expected_n", "expected_dlt", "expected_n_per_dose"} <= set(result)
+
+
+def test_design_only_monte_carlo_and_boin(capsys):
+    code, out, err = run(capsys, "trial", "--design", "3+3", "--accelerated-doses", "1", "--p-dlt", "0.02,0.08,0.25",
+                         "--n-trials", "2000", "--seed", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["method"] == "monte-carlo"
+    code, out, err = run(capsys, "trial", "--design", "boin", "--target", "0.3", "--cohort-size", "3",
+                         "--n-cohorts", "10", "--p-dlt", "0.05,0.1,0.3,0.5", "--n-trials", "500", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["p_select"]) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("trial", "--design", "3+3", "--p-dlt", "0.1,1.5", "--exact"), "must lie in [0, 1]"),
+    (("trial", "--design", "boin", "--p-dlt", "0.1,0.2", "--exact"), "--exact works for --design 3+3"),
+    (("trial", "--design", "3+3", "--p-dlt", "0.1,0.2"), "give --exact, or --n-trials"),
+    (("trial", "--design", "crm", "--p-dlt", "0.1,0.2", "--n-trials", "5"), "needs --skeleton"),
+    (("trial", "no_such.toml", "--out", "x"), "no such protocol file"),
+])
+def test_trial_cli_errors_are_one_line(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_bad_protocol_names_file_and_key(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[protocol]\nid="x"\n[model]\nname="cd7_cart"\n[dosing]\nlevels=[3e6, 1e6]\n'
+                    '[population]\nage_years=[18, 65]\n[design]\nname="3+3"\n')
+    with pytest.raises(ProtocolError, match=r"p.toml \[dosing\]: levels must be increasing"):
+        read_protocol(path)
+    path.write_text(path.read_text().replace("[3e6, 1e6]", "[1e6, 3e6]").replace('"3+3"', '"7+7"'))
+    with pytest.raises(ProtocolError, match=r"\[design\]: name must be one of"):
+        read_protocol(path)
+
+
+def test_kinetic_model_pools_match_exact_calculator_on_their_mean():
+    """Subjects whose DLT probabilities differ (from each virtual patient's simulated expansion and
+    burden) give, being independent, the operating characteristics of the dose-level mean."""
+    from carkin.protocol import simulate_protocol
+    from carkin.trials import simulate_trials
+
+    protocol = read_protocol(next(p for p in PROTOCOLS if p.stem == "cd7_carnk_accelerated_titration"))
+    pop = simulate_protocol(protocol, schedules=(protocol.schedule,), n_subjects=60, seed=5)
+    pools = pop["p_dlt"].isel(schedule=0).values
+    # scale the CAR-NK risks up so the design's branches are all exercised
+    pools = np.clip(pools * np.array([[2.0], [8.0], [15.0]]), 0, 1)
+    assert pools.std(axis=1).min() > 0  # subjects really differ
+    design = ThreePlusThree("escalation-only", accelerated_doses=1)
+    mc = simulate_trials(design, pools=pools, n_trials=100_000, seed=11)
+    exact = exact_operating_characteristics(design, pools.mean(axis=1))
+    z = np.abs(mc.p_select - exact.p_select) / np.maximum(mc.se_p_select, 1e-12)
+    assert z.max() < 3, z
+    assert abs(mc.expected_n - exact.expected_n) < 3 * mc.se_expected_n
+    assert abs(mc.expected_dlt - exact.expected_dlt) < 3 * mc.se_expected_dlt
