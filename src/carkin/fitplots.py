@@ -448,3 +448,34 @@ def save_fit_plots(tree: xr.DataTree, out_dir, curves: xr.Dataset | None = None,
         fig.savefig(path, dpi=DPI)
         paths.append(str(path))
     return paths
+
+
+def plot_sbc_ranks(sbc, bins: int = 10, path=None) -> Figure:
+    """Rank histograms of a simulation-based calibration, one panel per population parameter, with
+    the 99% band of a uniform histogram (binomial counts) shaded: bars outside it, or a slope or a
+    U shape across the panels, point at a biased or over/under-confident fit."""
+    from scipy.stats import binom
+
+    params = [str(p) for p in sbc["parameter"].values]
+    n_draws = int(sbc.attrs["n_draws"])
+    n = sbc.sizes["dataset"]
+    cols = min(4, len(params))
+    rows = -(-len(params) // cols)
+    fig = Figure(figsize=(3.0 * cols, 2.3 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    lo, hi = binom.ppf([0.005, 0.995], n, 1.0 / bins)
+    for ax, p in zip(axes, params):
+        r = sbc["rank"].sel(parameter=p).values
+        ax.axhspan(lo, hi, color="0.85", lw=0)
+        ax.axhline(n / bins, color="0.5", lw=0.8)
+        ax.hist(r, bins=bins, range=(0, n_draws + 1), color="tab:blue", edgecolor="white")
+        ax.set_title(p, fontsize="small")
+        ax.set_xticks([0, n_draws])
+    for ax in axes[len(params):]:
+        ax.axis("off")
+    fig.supxlabel(f"rank of the true value among {n_draws} posterior draws")
+    fig.supylabel("datasets")
+    fig.suptitle(f"Simulation-based calibration: {n} prior-simulated datasets (grey: 99% band if uniform)")
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+    return fig

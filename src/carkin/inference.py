@@ -196,24 +196,27 @@ class FitProblem:
                              d.model_covariates)
         return f[d.obs_subject, d.obs_kind, d.obs_tindex], jnp.all(ok)
 
-    def pointwise_log_likelihood(self, params: dict, f):
+    def pointwise_log_likelihood(self, params: dict, f, obs=None):
+        """Log-likelihood of each observation; ``obs`` = (y, blq, lloq) replaces the design's own
+        measurements (same design, other data: batches of simulated datasets)."""
         d = self.design
+        y, blq, lloq = (d.y, d.blq, d.lloq) if obs is None else obs
         ll = jnp.zeros(d.y.shape)
         for k, name in enumerate(d.observables):
             idx = np.flatnonzero(d.obs_kind == k)
             err = self.errors[name]
             add = params.get(f"sigma_add_{name}", 0.0)
             ll = ll.at[idx].set(observation.log_likelihood(
-                err.kind, d.y[idx], f[idx], d.blq[idx], d.lloq[idx], params[f"sigma_{name}"], add))
+                err.kind, y[idx], f[idx], blq[idx], lloq[idx], params[f"sigma_{name}"], add))
         return ll
 
-    def numpyro_model(self):
+    def numpyro_model(self, obs=None):
         params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
         if self.random:
             with numpyro.plate("subject", self.design.n_subjects):
                 params["z"] = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([len(self.random)]).to_event(1))
         f, ok = self.predictions(self.individual(params))
-        ll = self.pointwise_log_likelihood(params, f)
+        ll = self.pointwise_log_likelihood(params, f, obs)
         # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run.
         numpyro.factor("log_likelihood", jnp.where(ok & jnp.all(jnp.isfinite(ll)), ll.sum(), -jnp.inf))
 
