@@ -47,6 +47,18 @@ def test_fit_many_returns_draws_per_dataset(design):
     assert np.all(draws["tmax"] > 0)
 
 
+def test_rank_uniformity_is_exact_for_uniform_ranks():
+    import xarray as xr
+
+    n_draws = 30  # 31 possible ranks over 10 bins: the bins hold 3 or 4 ranks
+    ranks = np.tile(np.arange(n_draws + 1), 4)[:, None]
+    sbc = xr.Dataset({"rank": (("dataset", "parameter"), ranks)}, coords={"parameter": ["x"]},
+                     attrs={"n_draws": n_draws})
+    assert rank_uniformity(sbc, bins=10)["x"] == pytest.approx(1.0)
+    skewed = sbc.copy(data={"rank": np.minimum(ranks, 5)})
+    assert rank_uniformity(skewed, bins=10)["x"] < 1e-6
+
+
 @pytest.mark.slow
 def test_sbc_ranks_are_uniform_for_a_well_mixing_submodel():
     """Typical Tmax, Cmax and beta, between-subject variability on Cmax, residual error; the rest

@@ -233,6 +233,9 @@ def test_datatree_groups_names_dims_units(svi_fit, tmp_path):
             assert "units" in var.attrs and "long_name" in var.attrs, name
     path = ck.save_fit(tree, tmp_path / "fit.nc")
     back = ck.load_fit(path)
+    ck.simulate(ck.load_model("stein_2019"), ck.single(1e6), times=[0, 1]).to_netcdf(tmp_path / "sim.nc")
+    with pytest.raises(ValueError, match="is not a carkin fit"):
+        ck.load_fit(tmp_path / "sim.nc")
     np.testing.assert_array_equal(back["posterior"]["tmax"].values, post["tmax"].values)
     assert back.attrs["model"] == "stein_2019"
     assert json.loads(back.attrs["settings"])["method"] == "svi"
@@ -252,6 +255,7 @@ def test_sampler_problems_are_reported_in_plain_words(stein):
     (dict(fixed={"tmax": -1.0}), "must be > 0"),
     (dict(estimate=("tmax",), variability=("cmax",)), "needs them estimated"),
     (dict(error="quadratic"), "error model must be one of"),
+    (dict(error={"car_copys": "proportional"}), "not observables of this dataset"),
     (dict(covariate_effects=[ck.CovariateEffect("cmax", "HEIGHT")]), "needs column 'HEIGHT'"),
     (dict(priors={"omega_nope": None}), "unknown site"),
     (dict(method="mcmc"), "method must be"),

@@ -97,7 +97,10 @@ def test_bad_protocol_names_file_and_key(tmp_path):
                     '[population]\nage_years=[18, 65]\n[design]\nname="3+3"\n')
     with pytest.raises(ProtocolError, match=r"p.toml \[dosing\]: levels must be increasing"):
         read_protocol(path)
-    path.write_text(path.read_text().replace("[3e6, 1e6]", "[1e6, 3e6]").replace('"3+3"', '"7+7"'))
+    path.write_text(path.read_text().replace("levels=[3e6, 1e6]", 'levels=[1e6, 3e6]\nschedule="Split"'))
+    with pytest.raises(ProtocolError, match=r"\[dosing\]: schedule must be"):
+        read_protocol(path)
+    path.write_text(path.read_text().replace('schedule="Split"', 'schedule="split"').replace('"3+3"', '"7+7"'))
     with pytest.raises(ProtocolError, match=r"\[design\]: name must be one of"):
         read_protocol(path)
 

@@ -17,7 +17,7 @@ import xarray as xr
 
 from carkin import observation
 from carkin.data import StudyData
-from carkin.inference import FitProblem, make_problem
+from carkin.inference import NO_START, FitError, FitProblem, make_problem
 from carkin.kinetics import Model
 
 
@@ -35,8 +35,13 @@ def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 3
     blq = jnp.asarray(blq, bool)
     lloq = jnp.broadcast_to(jnp.asarray(problem.design.lloq, float), y.shape)
     key = jax.random.PRNGKey(seed)
-    info = initialize_model(key, problem.numpyro_model, model_args=((y[0], blq[0], lloq[0]),), dynamic_args=True,
-                            init_strategy=init_to_median(num_samples=15))
+    try:
+        info = initialize_model(key, problem.numpyro_model, model_args=((y[0], blq[0], lloq[0]),), dynamic_args=True,
+                                init_strategy=init_to_median(num_samples=15))
+    except RuntimeError as e:
+        if "valid initial parameters" not in str(e):
+            raise
+        raise FitError(NO_START) from None
     init_kernel, sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
     start = info.param_info.z
     sites = [s for s in problem.priors]
@@ -115,9 +120,14 @@ def rank_uniformity(sbc: xr.Dataset, bins: int = 10) -> dict:
     from scipy.stats import chisquare
 
     n_draws = int(sbc.attrs["n_draws"])
+    # Ranks take the L + 1 integer values 0..L; bins hold whole ranks, so they may differ in how
+    # many they hold, and each bin's expected count is in proportion.
+    edges = np.unique(np.floor(np.linspace(0, n_draws + 1, bins + 1)).astype(int))
+    width = np.diff(edges)
     out = {}
     for p in sbc["parameter"].values:
         r = sbc["rank"].sel(parameter=p).values
-        counts = np.histogram(r, bins=bins, range=(0, n_draws + 1))[0]
-        out[str(p)] = float(chisquare(counts).pvalue)
+        counts = np.histogram(r, bins=edges)[0]
+        expected = r.size * width / (n_draws + 1)
+        out[str(p)] = float(chisquare(counts, f_exp=expected).pvalue)
     return out

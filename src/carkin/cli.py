@@ -312,7 +312,10 @@ def _cmd_fit(args) -> int:
     model = _load(args.model, args.product_type)
     error = args.error
     if error and "=" in error:
-        error = {k.strip(): v.strip() for k, _, v in (x.partition("=") for x in error.split(","))}
+        items = [x.partition("=") for x in error.split(",")]
+        if any(not sep or not v.strip() for _, sep, v in items):
+            raise CliError(f"--error: give one kind for all observables, or OBS=KIND for each, got {args.error!r}")
+        error = {k.strip(): v.strip() for k, _, v in items}
     print(f"fitting {model.name} to {data_path} ({data.n_subjects} subjects, {data.n_obs} observations, "
           f"{int(data.obs_blq.sum())} BLQ) by {args.method.upper()}", flush=True)
     t0 = time.perf_counter()
@@ -382,6 +385,8 @@ def _cmd_whatif(args) -> int:
     protocol = read_protocol(args.protocol)
     if args.n_subjects is not None and args.n_subjects < 1:
         raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
+    if args.n_draws < 1:
+        raise CliError(f"--n-draws must be >= 1, got {args.n_draws}")
     out = Path(args.out)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -53,6 +53,11 @@ class FitError(RuntimeError):
     """The fit itself failed numerically (not a problem with the arguments)."""
 
 
+NO_START = ("no starting point with a finite log density was found (every solve failed or the data are impossible "
+            "under the priors); check the data, fix parameters the data cannot identify, or set priors nearer the "
+            "data")
+
+
 class ModelDataError(ValueError):
     """The dataset does not fit the model (unknown observable, missing covariate...)."""
 
@@ -291,6 +296,11 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
         random = tuple(n for n in estimated if n in variability)
     design = build_design(model, data)
     scales = {n: spec.scale for n, spec in data.observables.items()}
+    if isinstance(error, dict):
+        stray = sorted(set(error) - set(design.observables))
+        if stray:
+            raise ValueError(f"error: {stray} are not observables of this dataset; its observables are "
+                             f"{list(design.observables)}")
     errors = {}
     for name in design.observables:
         given = (error or {}).get(name) if isinstance(error, dict) else error
@@ -384,8 +394,13 @@ def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_
                 progress_bar=progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*devices available.*")
-        mcmc.run(key, extra_fields=("diverging", "num_steps", "energy", "accept_prob", "adapt_state.step_size",
-                                    "potential_energy"))
+        try:
+            mcmc.run(key, extra_fields=("diverging", "num_steps", "energy", "accept_prob", "adapt_state.step_size",
+                                        "potential_energy"))
+        except RuntimeError as e:
+            if "valid initial parameters" not in str(e):
+                raise
+            raise FitError(NO_START) from None
     draws = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
     extra = {k: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
     stats = {
@@ -643,7 +658,12 @@ def save_fit(tree: xr.DataTree, path) -> str:
 def load_fit(path) -> xr.DataTree:
     """Read a fit written by :func:`save_fit`."""
     with xr.open_datatree(path, engine="h5netcdf") as t:
-        return t.load()
+        tree = t.load()
+    missing = [g for g in ("posterior", "observed_data", "constant_data") if g not in tree.children]
+    if "model" not in tree.attrs or missing:
+        raise ValueError(f"{path} is not a carkin fit (written by carkin fit / save_fit): it lacks "
+                         f"{missing or ['the model attribute']}")
+    return tree
 
 
 # --- reuse a saved fit --------------------------------------------------------------------------

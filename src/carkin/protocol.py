@@ -125,6 +125,8 @@ def read_protocol(path) -> Protocol:
     if not doses or any(x <= 0 for x in doses) or list(doses) != sorted(set(doses)):
         raise ProtocolError(f"{where}: levels must be increasing positive doses in cells/kg, got {list(doses)}")
     kind = _get(d, "schedule", where, str, "single")
+    if kind not in ("single", "split"):
+        raise ProtocolError(f"{where}: schedule must be \"single\" or \"split\", got {kind!r}")
     hold = _get(d, "hold_threshold", where, (int, float))
     fractions = _numbers(d, "fractions", where, (0.1, 0.3, 0.6) if kind == "split" else (1.0,))
     days = _numbers(d, "days", where, (0.0, 1.0, 2.0) if kind == "split" else (0.0,))

@@ -35,6 +35,12 @@ def simulate_to_netcdf(model: Model, regimen, path, n_subjects: int, *, times="0
     if n_subjects < 1 or block_size < 1 or first_subject < 0:
         raise ValueError(f"n_subjects and block_size must be >= 1 and first_subject >= 0, got {n_subjects}, "
                          f"{block_size} and {first_subject}")
+    for group in ("covariates", "params"):
+        for name, value in (simulate_options.get(group) or {}).items():
+            if np.ndim(value):
+                raise ValueError(f"{group}[{name!r}]: only one value for all subjects is supported when streaming")
+    if np.ndim(simulate_options.get("weight_kg")):
+        raise ValueError("weight_kg: only one value for all subjects is supported when streaming")
     grid = parse_times(times)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

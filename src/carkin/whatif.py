@@ -83,8 +83,12 @@ def posterior_population(tree, model: Model, n_draws: int, n_per_draw: int, seed
                          "covariate_effects, or use the model's population (posterior=None)")
     if tree.attrs["model"] != model.name:
         raise ValueError(f"the posterior is a fit of {tree.attrs['model']!r}, not of {model.name!r}")
+    if int(n_draws) < 1 or int(n_per_draw) < 1:
+        raise ValueError(f"n_draws and n_subjects must be >= 1, got {n_draws} and {n_per_draw}")
     draws = posterior_draws(tree)
     chains, n_all = next(iter(draws.values())).shape[:2]
+    if n_draws > chains * n_all:
+        raise ValueError(f"the fit has {chains * n_all} posterior draws; ask for at most that many (got {n_draws})")
     rng = np.random.default_rng(seed)
     pick = rng.choice(chains * n_all, size=min(n_draws, chains * n_all), replace=False)
     fitted = json.loads(tree.attrs["model_values"])
@@ -209,6 +213,8 @@ def _endpoints(model, schedules, doses, grid, sims, template, dlt_model) -> xr.D
         after = grid[None, None, None, :] > grid[nadir_i][..., None]
         recovered = after & (y >= RECOVERY_FRACTION * base)
         first = np.where(recovered.any(-1), grid[np.argmax(recovered, axis=-1)], np.nan)
+        # Never below the threshold: nothing to recover from (day 0), not "recovered the day after the nadir".
+        first = np.where(np.min(y, axis=-1) >= RECOVERY_FRACTION * base[..., 0], grid[0], first)
         data["recovery_day"] = (dims, first, {"units": "day", "long_name": f"day {normal.replace('_', ' ')} "
                                               f"recover to {RECOVERY_FRACTION:.0%} of baseline (NaN: not by "
                                               f"day {grid[-1]:g})"})
@@ -304,7 +310,7 @@ def summarize(ds: xr.Dataset) -> pd.DataFrame:
                 row[f"{k}_p{INTERVAL[0]}"] = float(np.percentile(v, INTERVAL[0])) if v.size else np.nan
                 row[f"{k}_p{INTERVAL[1]}"] = float(np.percentile(v, INTERVAL[1])) if v.size else np.nan
             if "recovery_day" in ds:
-                row["recovered_fraction"] = float(np.isfinite(cell["recovery_day"].where(ok)).mean())
+                row["recovered_fraction"] = float(np.isfinite(cell["recovery_day"].values[ok.values]).mean())
             for k in fractions:
                 v = cell[k].where(ok).astype(float)
                 row[k] = float(v.mean(pooled))
