@@ -541,7 +541,8 @@ def _cmd_trial(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="carkin: CAR-T / CAR-NK cellular kinetics - models, dose regimens, simulation, NCA.",
+        description="carkin: CAR-T / CAR-NK cellular kinetics - models, dose regimens, simulation, NCA, population "
+                    "fitting, what-if runs and dose-escalation trials.",
         epilog="Run 'carkin COMMAND --help' for the options of a command. Units: doses in cells/kg "
                "(total over all infusions), times in days after the first infusion.",
     )
