@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from carkin import observation
 from carkin.data import StudyData
 from carkin.inference import NO_START, FitError, FitProblem, make_problem
 from carkin.kinetics import Model
@@ -77,12 +76,7 @@ def prior_datasets(problem: FitProblem, n: int, seed: int = 0) -> tuple[dict, np
         if problem.random:
             params["z"] = jax.random.normal(keys[-2], (d.n_subjects, len(problem.random)))
         f, _ = problem.predictions(problem.individual(params))
-        y = jnp.zeros_like(f)
-        for j, name in enumerate(d.observables):
-            idx = np.flatnonzero(d.obs_kind == j)
-            y = y.at[idx].set(observation.sample(problem.errors[name].kind, jax.random.fold_in(keys[-1], j),
-                                                 f[idx], params[f"sigma_{name}"],
-                                                 params.get(f"sigma_add_{name}", 0.0)))
+        y = problem.sample_measurements(params, f, keys[-1])
         return {s: params[s] for s in problem.priors}, y
 
     truth, y = jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(seed), n))

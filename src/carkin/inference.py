@@ -215,6 +215,16 @@ class FitProblem:
                 err.kind, y[idx], f[idx], blq[idx], lloq[idx], params[f"sigma_{name}"], add))
         return ll
 
+    def sample_measurements(self, params: dict, f, key):
+        """Measurements around predictions ``f`` with each observable's residual error (uncensored)."""
+        d = self.design
+        y = jnp.zeros_like(f)
+        for j, name in enumerate(d.observables):
+            idx = np.flatnonzero(d.obs_kind == j)
+            y = y.at[idx].set(observation.sample(self.errors[name].kind, jax.random.fold_in(key, j), f[idx],
+                                                 params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)))
+        return y
+
     def numpyro_model(self, obs=None):
         params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
         if self.random:
@@ -451,8 +461,6 @@ def _svi(problem: FitProblem, key, steps: int, n_draws: int, progress: bool):
 def _derived(problem: FitProblem, draws: dict, key):
     """Per draw: individual parameters, predictions (individual and population), pointwise
     log-likelihood and a replicate measurement of every observation."""
-    d = problem.design
-    kinds = {name: problem.errors[name].kind for name in d.observables}
 
     def one(params, k):
         theta = problem.individual(params)
@@ -463,11 +471,7 @@ def _derived(problem: FitProblem, draws: dict, key):
         else:
             theta0 = theta
         f0, _ = problem.predictions(theta0)
-        rep = jnp.zeros_like(f)
-        for j, name in enumerate(d.observables):
-            idx = np.flatnonzero(d.obs_kind == j)
-            rep = rep.at[idx].set(observation.sample(kinds[name], jax.random.fold_in(k, j), f[idx],
-                                                     params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)))
+        rep = problem.sample_measurements(params, f, k)
         return theta, f, f0, jnp.where(jnp.isfinite(ll), ll, -jnp.inf), rep
 
     chains, n_draw = next(iter(draws.values())).shape[:2]
@@ -724,11 +728,7 @@ def simulate_replicates(problem: FitProblem, draws: dict, key, n_replicates: int
         if problem.random:
             p["z"] = jax.random.normal(k_z, (d.n_subjects, len(problem.random)))
         f, _ = problem.predictions(problem.individual(p))
-        y = jnp.zeros_like(f)
-        for j, name in enumerate(d.observables):
-            idx = np.flatnonzero(d.obs_kind == j)
-            y = y.at[idx].set(observation.sample(problem.errors[name].kind, jax.random.fold_in(k_eps, j), f[idx],
-                                                 p[f"sigma_{name}"], p.get(f"sigma_add_{name}", 0.0)))
+        y = problem.sample_measurements(p, f, k_eps)
         return y
 
     batched = jax.jit(jax.vmap(one, in_axes=(None, 0)))
