@@ -11,7 +11,6 @@ correct pipeline the ranks are uniform.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
@@ -21,47 +20,36 @@ from carkin.kinetics import Model
 
 
 def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 300, seed: int = 0,
-             target_accept: float = 0.8, max_tree_depth: int = 8, thin: int = 1) -> dict:
+             target_accept: float = 0.8, max_tree_depth: int = 8, thin: int = 1, progress: bool = False) -> dict:
     """NUTS on ``len(y)`` datasets at once (one chain each): ``y`` and ``blq`` are (datasets, N).
 
-    Returns the population sites' draws, each (dataset, draw), and ``diverging`` (dataset, draw).
+    The datasets are split over every device (carkin.sampling); a dataset's draws do not
+    depend on how many devices there are. Returns the population sites' draws, each
+    (dataset, draw), and ``diverging`` (dataset, draw).
     """
     from numpyro.infer import init_to_median
-    from numpyro.infer.hmc import hmc
     from numpyro.infer.util import initialize_model
 
-    y = jnp.asarray(np.where(np.asarray(blq, bool), 1.0, y), float)  # censored values are never read
-    blq = jnp.asarray(blq, bool)
-    lloq = jnp.broadcast_to(jnp.asarray(problem.design.lloq, float), y.shape)
+    from carkin.sampling import run_nuts
+
+    blq = np.asarray(blq, bool)
+    y = np.where(blq, 1.0, np.asarray(y, float))  # censored values are never read
+    lloq = np.broadcast_to(np.asarray(problem.design.lloq, float), y.shape)
+    n = y.shape[0]
     key = jax.random.PRNGKey(seed)
     try:
-        info = initialize_model(key, problem.numpyro_model, model_args=((y[0], blq[0], lloq[0]),), dynamic_args=True,
-                                init_strategy=init_to_median(num_samples=15))
+        info = initialize_model(jax.random.split(key, n), problem.numpyro_model, model_args=((y[0], blq[0], lloq[0]),),
+                                dynamic_args=True, init_strategy=init_to_median(num_samples=15))
     except RuntimeError as e:
         if "valid initial parameters" not in str(e):
             raise
         raise FitError(NO_START) from None
-    init_kernel, sample_kernel = hmc(potential_fn_gen=info.potential_fn, algo="NUTS")
-    start = info.param_info.z
-    sites = [s for s in problem.priors]
-
-    def one(k, obs):
-        state = init_kernel(start, warmup, model_args=(obs,), rng_key=k, target_accept_prob=target_accept,
-                            max_tree_depth=max_tree_depth)
-
-        def step(st, _):
-            st = sample_kernel(st, model_args=(obs,))
-            return st, (st.z, st.diverging)
-
-        state, _ = jax.lax.scan(step, state, None, length=warmup)
-        state, (zs, div) = jax.lax.scan(step, state, None, length=samples)
-        constrained = jax.vmap(info.postprocess_fn(obs))(zs)
-        return {s: constrained[s][::thin] for s in sites}, div[::thin]
-
-    keys = jax.random.split(jax.random.fold_in(key, 1), y.shape[0])
-    draws, div = jax.jit(jax.vmap(one))(keys, (y, blq, lloq))
-    out = {s: np.asarray(v) for s, v in draws.items()}
-    out["diverging"] = np.asarray(div)
+    run = run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z,
+                   jax.random.split(jax.random.fold_in(key, 1), n), (y, blq, lloq), warmup=warmup, samples=samples,
+                   target_accept=target_accept, max_tree_depth=max_tree_depth, thin=thin, progress=progress,
+                   label="NUTS fits", split_over_devices=problem.model.has_closed_form)
+    out = {s: run.draws[s] for s in problem.priors}
+    out["diverging"] = run.stats["diverging"]
     return out
 
 

@@ -80,6 +80,7 @@ class Design:
     y: np.ndarray  # (N,) natural units; NaN where BLQ without value
     blq: np.ndarray  # (N,)
     lloq: np.ndarray  # (N,)
+    ids: tuple = ()  # subject IDs as in the data
 
     @property
     def n_subjects(self) -> int:
@@ -100,13 +101,19 @@ def build_design(model: Model, data: StudyData) -> Design:
     kind = np.array([fitted.index(n) for n in obs_names], dtype=np.int32)
 
     S = data.n_subjects
-    grids = [np.unique(data.obs_time[data.obs_subject == s]) for s in range(S)]
-    T = max(1, max(len(g) for g in grids))
+    # each subject's sorted unique observation times, by one sort of (subject, time) rather than a scan per subject
+    pairs = np.unique(np.stack([data.obs_subject.astype(float), data.obs_time.astype(float)], axis=1), axis=0)
+    per_subject = np.bincount(pairs[:, 0].astype(np.int64), minlength=S)
+    T = max(1, int(per_subject.max(initial=0)))
+    first = np.concatenate([[0], np.cumsum(per_subject)[:-1]])
     times = np.zeros((S, T))
-    for s, g in enumerate(grids):
-        g = g if len(g) else np.zeros(1)
-        times[s, : len(g)], times[s, len(g):] = g, g[-1]
-    tindex = np.array([np.searchsorted(grids[s], t) for s, t in zip(data.obs_subject, data.obs_time)], np.int32)
+    slot = np.arange(len(pairs)) - first[pairs[:, 0].astype(np.int64)]
+    times[pairs[:, 0].astype(np.int64), slot] = pairs[:, 1]
+    last = np.where(per_subject > 0, times[np.arange(S), np.maximum(per_subject - 1, 0)], 0.0)
+    times = np.where(np.arange(T)[None, :] < per_subject[:, None], times, last[:, None])  # pad with the last time
+    # index of each observation's time in its subject's grid
+    row = times[data.obs_subject]
+    tindex = np.argmax(row == np.asarray(data.obs_time, float)[:, None], axis=1).astype(np.int32)
 
     cov = np.zeros((S, len(model.covariates)))
     for j, c in enumerate(model.covariates):
@@ -128,7 +135,7 @@ def build_design(model: Model, data: StudyData) -> Design:
     return Design(times, np.asarray(dose_t, float), np.asarray(dose_c, float), cov,
                   np.asarray(data.obs_subject, np.int32), tindex, kind, fitted,
                   np.asarray(data.obs_value, float), np.asarray(data.obs_blq, bool),
-                  np.asarray(data.obs_lloq, float))
+                  np.asarray(data.obs_lloq, float), tuple(data.ids))
 
 
 # --- predictions -------------------------------------------------------------------------------
@@ -175,24 +182,31 @@ class FitProblem:
     site_meta: dict = field(default_factory=dict)  # site -> (units, long_name)
 
     # -- structure ------------------------------------------------------------------
-    def individual(self, params: dict):
-        """(S, P) individual values of every model parameter from the sampled sites."""
-        model, S = self.model, self.design.n_subjects
-        typ = {k: jnp.asarray(v) for k, v in model.values}
-        kinds = {p.name: {"positive": 0, "fraction": 1, "real": 2}[p.kind] for p in model.parameters}
-        columns = []
-        for name in model.parameter_names:
+    def subject_parameters(self, params: dict, x_row, z_row):
+        """(P,) values of every model parameter for one subject with covariate-effect row ``x_row``
+        and standardised random effects ``z_row`` (one per ``random`` parameter)."""
+        typ = dict(self.model.values)
+        kinds = {p.name: {"positive": 0, "fraction": 1, "real": 2}[p.kind] for p in self.model.parameters}
+        values = []
+        for name in self.model.parameter_names:
             if name not in self.estimated:
-                columns.append(jnp.full((S,), typ[name]))
+                values.append(jnp.asarray(typ[name], float))
                 continue
-            h = to_unconstrained(params[name], kinds[name]) + jnp.zeros(S)
+            h = to_unconstrained(params[name], kinds[name])
             for c, col in enumerate(self.columns):
                 if col.parameter == name:
-                    h = h + params[col.name] * self.x[:, c]
+                    h = h + params[col.name] * x_row[c]
             if name in self.random:
-                h = h + params[f"omega_{name}"] * params["z"][:, self.random.index(name)]
-            columns.append(from_unconstrained(h, kinds[name]))
-        return jnp.stack(columns, axis=1)
+                h = h + params[f"omega_{name}"] * z_row[self.random.index(name)]
+            values.append(from_unconstrained(h, kinds[name]))
+        return jnp.stack(values)
+
+    def individual(self, params: dict):
+        """(S, P) individual values of every model parameter from the sampled sites."""
+        S = self.design.n_subjects
+        z = params["z"] if self.random else jnp.zeros((S, 0))
+        x = np.asarray(self.x, float).reshape(S, -1)  # (S, 0) when there are no covariate effects
+        return jax.vmap(lambda x_row, z_row: self.subject_parameters(params, x_row, z_row))(x, z)
 
     def predictions(self, theta):
         """Individual predictions at every observation (N,) and an all-solves-ok flag."""
@@ -206,13 +220,13 @@ class FitProblem:
         measurements (same design, other data: batches of simulated datasets)."""
         d = self.design
         y, blq, lloq = (d.y, d.blq, d.lloq) if obs is None else obs
-        ll = jnp.zeros(d.y.shape)
+        ll = None
         for k, name in enumerate(d.observables):
-            idx = np.flatnonzero(d.obs_kind == k)
             err = self.errors[name]
             add = params.get(f"sigma_add_{name}", 0.0)
-            ll = ll.at[idx].set(observation.log_likelihood(
-                err.kind, y[idx], f[idx], blq[idx], lloq[idx], params[f"sigma_{name}"], add))
+            term = observation.log_likelihood(err.kind, y, f, blq, lloq, params[f"sigma_{name}"], add)
+            # elementwise selection, not a scatter: fewer kernels in the sampler's gradient
+            ll = term if ll is None else jnp.where(d.obs_kind == k, term, ll)
         return ll
 
     def sample_measurements(self, params: dict, f, key):
@@ -232,8 +246,10 @@ class FitProblem:
                 params["z"] = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([len(self.random)]).to_event(1))
         f, ok = self.predictions(self.individual(params))
         ll = self.pointwise_log_likelihood(params, f, obs)
-        # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run.
-        numpyro.factor("log_likelihood", jnp.where(ok & jnp.all(jnp.isfinite(ll)), ll.sum(), -jnp.inf))
+        # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run;
+        # a non-finite term makes the sum non-finite, so one scalar check covers every observation.
+        total = ll.sum()
+        numpyro.factor("log_likelihood", jnp.where(ok & jnp.isfinite(total), total, -jnp.inf))
 
 
 def default_priors(model: Model, estimated, random, columns, errors, design: Design, overrides: dict):
@@ -331,8 +347,7 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
 def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, covariate_effects=(), error=None,
         priors=None, method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500, seed: int = 0,
         target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median", svi_steps: int = 3000,
-        svi_draws: int = 1000,
-        chain_method: str | None = None, progress: bool = True) -> xr.DataTree:
+        svi_draws: int = 1000, progress: bool = True) -> xr.DataTree:
     """Fit a population model of ``model`` to ``data`` (a StudyData or a CSV path).
 
     ``estimate``: parameters whose typical values are estimated (default: all not in
@@ -347,8 +362,8 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     stochastic variational inference (``svi_steps``) and returns ``svi_draws`` draws
     from it: a quick look, with less honest uncertainty. ``init`` is where NUTS chains
     start: ``median`` (prior medians) or ``svi`` (the variational fit's medians).
-    ``chain_method`` is numpyro's (``parallel``, ``vectorized``, ``sequential``); by
-    default parallel when each chain has a device, else vectorized.
+    The chains run as one compiled program split over every device (each CPU core is one),
+    with the same draws however many devices there are.
     Sampler problems are reported as FitWarning with what to try.
     """
     from carkin.data import read_dataset
@@ -370,59 +385,61 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     t0 = time.perf_counter()
     if method == "svi" or init == "svi":
         draws, mode = _svi(problem, k_fit, svi_steps, svi_draws, progress)
-    stats = None
+    stats, timing = None, {}
     if method == "nuts":
         start = mode if init == "svi" else None
-        draws, stats = _nuts(problem, k_fit, chains, warmup, samples, target_accept, max_tree_depth, start,
-                             chain_method, progress)
+        draws, stats, timing = _nuts(problem, k_fit, chains, warmup, samples, target_accept, max_tree_depth, start,
+                                     progress)
     elapsed = time.perf_counter() - t0
     settings = {"method": method, "chains": chains if method == "nuts" else 1, "warmup": warmup, "samples": samples,
                 "seed": seed, "target_accept": target_accept, "max_tree_depth": max_tree_depth, "init": init,
-                "svi_steps": svi_steps, "svi_draws": svi_draws, "fit_time_s": round(elapsed, 3)}
+                "svi_steps": svi_steps, "svi_draws": svi_draws, "fit_time_s": round(elapsed, 3),
+                "devices": jax.local_device_count(), **timing}
     tree = to_datatree(problem, data, draws, stats, settings, k_post)
     for message in convergence_report(tree):
         warnings.warn(message, FitWarning, stacklevel=2)
     return tree
 
 
-def default_chain_method(chains: int) -> str:
-    """Chains run in parallel when there is a device for each (carkin exposes every CPU core as one),
-    else vectorised: one batched log-density evaluation serves all chains at each step."""
-    return "parallel" if jax.local_device_count() >= chains else "vectorized"
+def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, progress):
+    """The chains as one compiled program over every device (carkin.sampling); returns draws,
+    sampler statistics and the sampler's compile and run times."""
+    from numpyro.infer import init_to_median, init_to_value
+    from numpyro.infer.util import initialize_model
 
+    from carkin.sampling import run_nuts
 
-def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, chain_method,
-          progress):
-    from numpyro.infer import MCMC, NUTS, init_to_median, init_to_value
-
+    d = problem.design
+    obs = (np.where(d.blq, 1.0, d.y), d.blq, d.lloq)  # censored values are never read
+    k_init, k_run = jax.random.split(key)
     init = init_to_value(values=start) if start is not None else init_to_median(num_samples=15)
-    kernel = NUTS(problem.numpyro_model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                  init_strategy=init)
-    if chain_method is None:
-        chain_method = default_chain_method(chains)
-    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains, chain_method=chain_method,
-                progress_bar=progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*devices available.*")
         try:
-            mcmc.run(key, extra_fields=("diverging", "num_steps", "energy", "accept_prob", "adapt_state.step_size",
-                                        "potential_energy"))
+            info = initialize_model(jax.random.split(k_init, chains), problem.numpyro_model, model_args=(obs,),
+                                    dynamic_args=True, init_strategy=init)
         except RuntimeError as e:
             if "valid initial parameters" not in str(e):
                 raise
             raise FitError(NO_START) from None
-    draws = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
-    extra = {k: np.asarray(v) for k, v in mcmc.get_extra_fields(group_by_chain=True).items()}
+    shared = jax.tree.map(lambda a: np.broadcast_to(a, (chains,) + np.shape(a)), obs)
+    run = run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, jax.random.split(k_run, chains),
+                   shared, warmup=warmup, samples=samples, target_accept=target_accept,
+                   max_tree_depth=max_tree_depth, progress=progress, label="NUTS chains",
+                   split_over_devices=problem.model.has_closed_form)
+    keep = set(problem.priors) | {"z"}
+    draws = {k: v for k, v in run.draws.items() if k in keep}
+    extra = run.stats
     stats = {
         "diverging": extra["diverging"].astype(bool),
         "n_steps": extra["num_steps"].astype(np.int64),
         "tree_depth": np.ceil(np.log2(extra["num_steps"].astype(float) + 1)).astype(np.int64),
         "energy": extra["energy"],
         "acceptance_rate": extra["accept_prob"],
-        "step_size": extra["adapt_state.step_size"],
+        "step_size": extra["step_size"],
         "lp": -extra["potential_energy"],
     }
-    return draws, stats
+    return draws, stats, {"compile_s": round(run.compile_s, 3), "sampling_s": round(run.run_s, 3)}
 
 
 def _svi(problem: FitProblem, key, steps: int, n_draws: int, progress: bool):
@@ -691,7 +708,8 @@ def problem_from_tree(tree: xr.DataTree) -> FitProblem:
     tindex = np.array([int(np.argmin(np.abs(times[s] - t))) for s, t in zip(obs_subject, t_obs)], np.int32)
     kind = np.array([observables.index(o) for o in obs["observable"].values.astype(str)], np.int32)
     design = Design(times, const["dose_time"].values, const["dose_cells"].values, cov, obs_subject, tindex, kind,
-                    observables, obs["dv"].values, obs["blq"].values.astype(bool), obs["lloq"].values)
+                    observables, obs["dv"].values, obs["blq"].values.astype(bool), obs["lloq"].values,
+                    tuple(subjects))
     pairs = json.loads(tree.attrs.get("covariate_effects", "[]"))
     columns = tuple(EffectColumn(name, param, "") for name, param in pairs)
     x = (np.stack([const[f"x_{name}"].values for name, _ in pairs], axis=1) if pairs
