@@ -1,0 +1,97 @@
+"""Individual (MAP / empirical Bayes) estimates against an independent scipy optimisation."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.stats import norm
+
+import carkin as ck
+from carkin.inference import make_problem
+from carkin.posthoc import PosthocWarning, individual_estimates
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "stein_sim.csv"
+POSITIVE = ("fold", "tmax", "cmax", "alpha", "beta")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = ck.read_dataset(DATA)
+    data = data.subset(data.ids[:8])
+    truth = dict(data.meta["generation"]["true_values"])
+    problem = make_problem(ck.load_model("stein_2019"), data)
+    return data, problem, truth
+
+
+def stein_numpy(t, p):
+    """Stein et al. 2019's closed form, written out again in numpy."""
+    rho = np.log(p["fold"]) / p["tmax"]
+    after = np.maximum(t - p["tmax"], 0.0)
+    late = p["cmax"] * ((1 - p["fb"]) * np.exp(-p["alpha"] * after) + p["fb"] * np.exp(-p["beta"] * after))
+    early = p["cmax"] / p["fold"] * np.exp(rho * np.minimum(t, p["tmax"]))
+    return np.where(t < p["tmax"], early, late)
+
+
+def scipy_map(data, subject, truth):
+    """The subject's MAP random effects by scipy (BFGS, tight tolerance) on a numpy objective."""
+    rows = data.obs_subject == subject
+    t = data.obs_time[rows] - data.dose_times[subject, 0]
+    y, blq, lloq = data.obs_value[rows], data.obs_blq[rows], data.obs_lloq[rows]
+    order = ("fold", "tmax", "cmax", "alpha", "fb", "beta")
+    omega = np.array([truth[f"omega_{n}"] for n in order])
+    sigma = truth["sigma_car_copies"]
+
+    def objective(z):
+        eta = omega * z
+        p = {n: truth[n] * np.exp(e) for n, e in zip(order, eta) if n in POSITIVE}
+        logit = np.log(truth["fb"] / (1 - truth["fb"])) + eta[4]
+        p["fb"] = 1 / (1 + np.exp(-logit))
+        f = np.maximum(stein_numpy(t, p), 1e-12)
+        ll = np.where(blq, norm.logcdf((np.log(lloq) - np.log(f)) / sigma),
+                      norm.logpdf(np.log(np.where(blq, 1.0, y)), np.log(f), sigma) - np.log(np.where(blq, 1.0, y)))
+        return -(ll.sum() - 0.5 * np.sum(z**2))
+
+    res = minimize(objective, np.zeros(6), method="BFGS", options={"gtol": 1e-9})
+    return omega * res.x, res.fun
+
+
+def test_individual_estimates_match_scipy(setup):
+    data, problem, truth = setup
+    est = individual_estimates(problem, truth, progress=False)
+    assert est.sizes["subject"] == 8 and bool(est["converged"].all())
+    assert list(est["subject"].values) == [str(i) for i in data.ids]
+    assert est["ind_cmax"].attrs["units"] == problem.model.parameter("cmax").unit
+    for s in range(8):
+        eta_ref, fun_ref = scipy_map(data, s, truth)
+        eta = np.array([est[f"eta_{n}"].values[s] for n in ("fold", "tmax", "cmax", "alpha", "fb", "beta")])
+        np.testing.assert_allclose(eta, eta_ref, atol=2e-4)
+        # carkin's objective drops no constant of the likelihood; the prior's constant is omitted in both
+        assert float(est["objective"].values[s]) == pytest.approx(fun_ref, rel=1e-8)
+    ind_tmax = truth["tmax"] * np.exp(est["eta_tmax"].values)
+    np.testing.assert_allclose(est["ind_tmax"].values, ind_tmax, rtol=1e-12)
+
+
+def test_shrinkage_is_reported(setup):
+    _, problem, truth = setup
+    est = individual_estimates(problem, truth, progress=False)
+    for name in problem.random:
+        eta = est[f"eta_{name}"].values
+        assert est.attrs[f"shrinkage_{name}"] == pytest.approx(1 - eta.std() / truth[f"omega_{name}"])
+
+
+def test_missing_population_values_are_named(setup):
+    _, problem, truth = setup
+    partial = {k: v for k, v in truth.items() if k != "omega_tmax"}
+    with pytest.raises(ValueError, match="omega_tmax"):
+        individual_estimates(problem, partial)
+
+
+def test_failed_optimisations_are_reported_not_hidden(setup):
+    _, problem, truth = setup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = individual_estimates(problem, truth, max_iter=1, progress=False)
+    assert not bool(est["converged"].all())
+    assert any(issubclass(w.category, PosthocWarning) and "did not converge" in str(w.message) for w in caught)
