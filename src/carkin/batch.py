@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from carkin.data import StudyData
-from carkin.inference import NO_START, FitError, FitProblem, make_problem
+from carkin.inference import FitProblem, make_problem, sample_posteriors
 from carkin.kinetics import Model
 
 
@@ -28,26 +28,16 @@ def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 3
     (dataset, draw), and ``diverging`` (dataset, draw).
     """
     from numpyro.infer import init_to_median
-    from numpyro.infer.util import initialize_model
-
-    from carkin.sampling import run_nuts
 
     blq = np.asarray(blq, bool)
     y = np.where(blq, 1.0, np.asarray(y, float))  # censored values are never read
     lloq = np.broadcast_to(np.asarray(problem.design.lloq, float), y.shape)
     n = y.shape[0]
     key = jax.random.PRNGKey(seed)
-    try:
-        info = initialize_model(jax.random.split(key, n), problem.numpyro_model, model_args=((y[0], blq[0], lloq[0]),),
-                                dynamic_args=True, init_strategy=init_to_median(num_samples=15))
-    except RuntimeError as e:
-        if "valid initial parameters" not in str(e):
-            raise
-        raise FitError(NO_START) from None
-    run = run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z,
-                   jax.random.split(jax.random.fold_in(key, 1), n), (y, blq, lloq), warmup=warmup, samples=samples,
-                   target_accept=target_accept, max_tree_depth=max_tree_depth, thin=thin, progress=progress,
-                   label="NUTS fits", split_over_devices=problem.model.has_closed_form)
+    run = sample_posteriors(problem, jax.random.split(key, n), jax.random.split(jax.random.fold_in(key, 1), n),
+                            (y, blq, lloq), init_to_median(num_samples=15), warmup=warmup, samples=samples,
+                            target_accept=target_accept, max_tree_depth=max_tree_depth, thin=thin,
+                            progress=progress, label="NUTS fits")
     out = {s: run.draws[s] for s in problem.priors}
     out["diverging"] = run.stats["diverging"]
     return out

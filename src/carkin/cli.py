@@ -322,8 +322,9 @@ def _cmd_fit(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tree = ck.fit(model, data, estimate=_names(args.estimate), fixed=_assignments(args.fix, "--fix"),
-                      error=error, method=args.method, chains=args.chains, warmup=args.warmup,
-                      samples=args.samples, seed=args.seed, svi_steps=args.svi_steps, progress=not args.quiet)
+                      error=error, centred=_names(args.centred) or (), method=args.method, chains=args.chains,
+                      warmup=args.warmup, samples=args.samples, seed=args.seed, svi_steps=args.svi_steps,
+                      progress=not args.quiet)
     _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
     elapsed = time.perf_counter() - t0
     tree.attrs["history"] = "carkin fit " + " ".join(args.argv)
@@ -647,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", metavar="P1,P2,...",
                    help="parameters to estimate (default: all not fixed); the rest stay at the model's values")
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
+    p.add_argument("--centred", metavar="P1,P2,...",
+                   help="random effects to sample centred (mu-referenced): mixes better for parameters every "
+                        "subject's data pin down, such as stein_2019's tmax (default: all non-centred)")
     p.add_argument("--error", metavar="KIND | OBS=KIND,...",
                    help="residual error: log-additive, proportional or combined, for all observables or per "
                         "observable (default: log-additive)")

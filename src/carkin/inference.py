@@ -32,6 +32,7 @@ from carkin.observation import ErrorModel
 from carkin.population import CovariateEffect, effect_columns, from_unconstrained, to_unconstrained
 from carkin.solve import solve_subject
 
+CENTRED_SITE = "h_centred"  # sampled site of the random effects when some are centred
 PRIOR_LOG_SD = 1.0  # default prior of a typical value: a factor e either way on its log/logit scale
 OMEGA_PRIOR_FACTOR = 2.0  # default omega prior: HalfNormal(2 x the model's omega)
 OMEGA_PRIOR_DEFAULT = 1.0  # ... or HalfNormal(1) where the model gives none
@@ -180,6 +181,7 @@ class FitProblem:
     errors: dict  # observable -> ErrorModel
     priors: dict  # site name -> numpyro distribution
     site_meta: dict = field(default_factory=dict)  # site -> (units, long_name)
+    centred: tuple[str, ...] = ()  # random parameters sampled centred (see numpyro_model)
 
     # -- structure ------------------------------------------------------------------
     def subject_parameters(self, params: dict, x_row, z_row):
@@ -192,14 +194,21 @@ class FitProblem:
             if name not in self.estimated:
                 values.append(jnp.asarray(typ[name], float))
                 continue
-            h = to_unconstrained(params[name], kinds[name])
-            for c, col in enumerate(self.columns):
-                if col.parameter == name:
-                    h = h + params[col.name] * x_row[c]
+            h = self.typical_unconstrained(params, x_row, name)
             if name in self.random:
                 h = h + params[f"omega_{name}"] * z_row[self.random.index(name)]
             values.append(from_unconstrained(h, kinds[name]))
         return jnp.stack(values)
+
+    def typical_unconstrained(self, params: dict, x_row, name: str):
+        """Unconstrained typical value of parameter ``name`` for a subject with covariate-effect
+        row ``x_row``: the centre of that subject's random effect."""
+        kind = {"positive": 0, "fraction": 1, "real": 2}[self.model.parameter(name).kind]
+        h = to_unconstrained(params[name], kind)
+        for c, col in enumerate(self.columns):
+            if col.parameter == name:
+                h = h + params[col.name] * x_row[c]
+        return h
 
     def individual(self, params: dict):
         """(S, P) individual values of every model parameter from the sampled sites."""
@@ -242,14 +251,37 @@ class FitProblem:
     def numpyro_model(self, obs=None):
         params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
         if self.random:
-            with numpyro.plate("subject", self.design.n_subjects):
-                params["z"] = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([len(self.random)]).to_event(1))
+            params["z"] = self._standardised_effects(params)
         f, ok = self.predictions(self.individual(params))
         ll = self.pointwise_log_likelihood(params, f, obs)
         # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run;
         # a non-finite term makes the sum non-finite, so one scalar check covers every observation.
         total = ll.sum()
         numpyro.factor("log_likelihood", jnp.where(ok & jnp.isfinite(total), total, -jnp.inf))
+
+
+    def _standardised_effects(self, params: dict):
+        """Sample the (S, R) standardised random effects z.
+
+        Non-centred (the default): z itself is sampled, which mixes well when the data say
+        little about each subject. A centred parameter samples the subject's unconstrained
+        value h ~ Normal(typical, omega) instead, and z = (h - typical) / omega: better when
+        every subject's value is well determined, where the non-centred typical value and
+        all the z's move along one narrow ridge.
+        """
+        R = len(self.random)
+        with numpyro.plate("subject", self.design.n_subjects):
+            if not self.centred:
+                return numpyro.sample("z", dist.Normal(0.0, 1.0).expand([R]).to_event(1))
+            x = np.asarray(self.x, float).reshape(self.design.n_subjects, -1)
+            typical = jax.vmap(lambda row: jnp.stack([self.typical_unconstrained(params, row, n)
+                                                      for n in self.random]))(x)
+            centred = np.array([n in self.centred for n in self.random])
+            omega = jnp.stack([params[f"omega_{n}"] for n in self.random])
+            loc = jnp.where(centred, typical, 0.0)
+            scale = jnp.where(centred, omega, 1.0)
+            raw = numpyro.sample(CENTRED_SITE, dist.Normal(loc, scale).to_event(1))
+        return numpyro.deterministic("z", (raw - loc) / scale)
 
 
 def default_priors(model: Model, estimated, random, columns, errors, design: Design, overrides: dict):
@@ -294,7 +326,7 @@ def default_priors(model: Model, estimated, random, columns, errors, design: Des
 
 
 def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, variability=None,
-                 covariate_effects=(), error=None, priors=None) -> FitProblem:
+                 covariate_effects=(), error=None, priors=None, centred=()) -> FitProblem:
     """Assemble the population problem, checking every name against the model and the data."""
     if not isinstance(model, Model):
         raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
@@ -320,6 +352,11 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
         if stray:
             raise ValueError(f"variability on {stray} needs them estimated too (add them to estimate)")
         random = tuple(n for n in estimated if n in variability)
+    centred = (centred,) if isinstance(centred, str) else tuple(centred)
+    stray = sorted(set(centred) - set(random))
+    if stray:
+        raise ValueError(f"centred: {stray} have no between-subject variability; only parameters with "
+                         f"variability can be centred ({list(random)})")
     design = build_design(model, data)
     scales = {n: spec.scale for n, spec in data.observables.items()}
     if isinstance(error, dict):
@@ -338,16 +375,17 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
             raise ValueError(f"covariate effect on {e.parameter!r}: that parameter is not estimated")
     columns, x = effect_columns(effects, data.covariates, data.path)
     prior_table, meta = default_priors(model, estimated, random, columns, errors, design, dict(priors or {}))
-    return FitProblem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta)
+    return FitProblem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta,
+                      tuple(n for n in random if n in centred))
 
 
 # --- fit -----------------------------------------------------------------------------------------
 
 
 def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, covariate_effects=(), error=None,
-        priors=None, method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500, seed: int = 0,
-        target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median", svi_steps: int = 3000,
-        svi_draws: int = 1000, progress: bool = True) -> xr.DataTree:
+        priors=None, centred=(), method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500,
+        seed: int = 0, target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median",
+        svi_steps: int = 3000, svi_draws: int = 1000, progress: bool = True) -> xr.DataTree:
     """Fit a population model of ``model`` to ``data`` (a StudyData or a CSV path).
 
     ``estimate``: parameters whose typical values are estimated (default: all not in
@@ -379,7 +417,7 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     problem = make_problem(model, data, estimate=estimate, fixed=fixed, variability=variability,
-                           covariate_effects=covariate_effects, error=error, priors=priors)
+                           covariate_effects=covariate_effects, error=error, priors=priors, centred=centred)
     key = jax.random.PRNGKey(seed)
     k_fit, k_post = jax.random.split(key)
     t0 = time.perf_counter()
@@ -392,7 +430,8 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                                      progress)
     elapsed = time.perf_counter() - t0
     settings = {"method": method, "chains": chains if method == "nuts" else 1, "warmup": warmup, "samples": samples,
-                "seed": seed, "target_accept": target_accept, "max_tree_depth": max_tree_depth, "init": init,
+                "seed": seed, "centred": list(problem.centred), "target_accept": target_accept,
+                "max_tree_depth": max_tree_depth, "init": init,
                 "svi_steps": svi_steps, "svi_draws": svi_draws, "fit_time_s": round(elapsed, 3),
                 "devices": jax.local_device_count(), **timing}
     tree = to_datatree(problem, data, draws, stats, settings, k_post)
@@ -401,32 +440,41 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     return tree
 
 
+def sample_posteriors(problem: FitProblem, init_keys, run_keys, obs, init_strategy, **options):
+    """NUTS chains of ``problem``'s posterior, chain ``b`` given measurements ``obs[b]`` (a
+    (y, blq, lloq) batch), started by ``init_strategy`` with ``init_keys[b]``; ``options`` go
+    to carkin.sampling.run_nuts. Raises FitError when no chain finds a start."""
+    from numpyro.infer.util import initialize_model
+
+    from carkin.sampling import run_nuts
+
+    first = jax.tree.map(lambda a: np.asarray(a)[0], obs)  # every dataset shares the design's shapes
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*devices available.*")
+        try:
+            info = initialize_model(init_keys, problem.numpyro_model, model_args=(first,), dynamic_args=True,
+                                    init_strategy=init_strategy)
+        except RuntimeError as e:
+            if "valid initial parameters" not in str(e):
+                raise
+            raise FitError(NO_START) from None
+    return run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, run_keys, obs,
+                    split_over_devices=problem.model.has_closed_form, **options)
+
+
 def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, progress):
     """The chains as one compiled program over every device (carkin.sampling); returns draws,
     sampler statistics and the sampler's compile and run times."""
     from numpyro.infer import init_to_median, init_to_value
-    from numpyro.infer.util import initialize_model
-
-    from carkin.sampling import run_nuts
 
     d = problem.design
     obs = (np.where(d.blq, 1.0, d.y), d.blq, d.lloq)  # censored values are never read
     k_init, k_run = jax.random.split(key)
     init = init_to_value(values=start) if start is not None else init_to_median(num_samples=15)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*devices available.*")
-        try:
-            info = initialize_model(jax.random.split(k_init, chains), problem.numpyro_model, model_args=(obs,),
-                                    dynamic_args=True, init_strategy=init)
-        except RuntimeError as e:
-            if "valid initial parameters" not in str(e):
-                raise
-            raise FitError(NO_START) from None
     shared = jax.tree.map(lambda a: np.broadcast_to(a, (chains,) + np.shape(a)), obs)
-    run = run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, jax.random.split(k_run, chains),
-                   shared, warmup=warmup, samples=samples, target_accept=target_accept,
-                   max_tree_depth=max_tree_depth, progress=progress, label="NUTS chains",
-                   split_over_devices=problem.model.has_closed_form)
+    run = sample_posteriors(problem, jax.random.split(k_init, chains), jax.random.split(k_run, chains), shared,
+                            init, warmup=warmup, samples=samples, target_accept=target_accept,
+                            max_tree_depth=max_tree_depth, progress=progress, label="NUTS chains")
     keep = set(problem.priors) | {"z"}
     draws = {k: v for k, v in run.draws.items() if k in keep}
     extra = run.stats
