@@ -649,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameters to estimate (default: all not fixed); the rest stay at the model's values")
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
     p.add_argument("--centred", metavar="P1,P2,...",
-                   help="random effects to sample centred (mu-referenced): mixes better for parameters every "
-                        "subject's data pin down, such as stein_2019's tmax (default: all non-centred)")
+                   help="random effects to sample centred (mu-referenced), for parameters every subject's data "
+                        "pin down; check the divergences and ESS it gives (default: all non-centred)")
     p.add_argument("--error", metavar="KIND | OBS=KIND,...",
                    help="residual error: log-additive, proportional or combined, for all observables or per "
                         "observable (default: log-additive)")
