@@ -28,7 +28,7 @@ from carkin.sampling import over_devices
 
 BLOCK_PER_DEVICE = 256  # subjects optimised together on each device per call
 GTOL = 1e-6  # gradient norm (in z units) at which a subject's optimisation has converged
-MAX_ITER = 100
+MAX_ITER = 200  # Newton iterations per start; kinks at Tmax take some (each stall is about 15)
 STARTS = 8  # optimisations per subject (z = 0, then fixed prior draws); the best is kept
 START_SEED = 0
 
@@ -154,39 +154,63 @@ def _solve(a, b):
     return x
 
 
+MAX_HOLDS = 3  # kinks met per optimisation before a stall counts as the minimum
+
+
 def _damped_newton(fun, x0, max_iter: int, gtol: float):
     """Minimise ``fun`` by Newton steps damped Levenberg-Marquardt style: a step that does not
     lower ``fun`` (or leaves its domain) is retried shorter and closer to steepest descent.
     With a handful of random effects the exact Hessian is cheap and the steps robust where a
     line search is not (kinks at Tmax, overflow far from the optimum).
+
+    At a kink (Tmax on a sampling day) every step that moves the kinked coordinate fails,
+    however short, while the others may still have far to go. On such a stall the coordinate
+    with the largest gradient is held where it is and the rest are optimised; once they
+    converge every coordinate is freed again (at most MAX_HOLDS times), so a held coordinate
+    can still leave a kink that only looked like a minimum from where it was met.
     Returns (x, fun(x), converged, iterations)."""
     value_grad = jax.value_and_grad(fun)
     hess = jax.hessian(fun)
+    n = x0.size
 
     def evaluate(x):
         f, g = value_grad(x)
         return f, g, hess(x)
 
-    eye = jnp.eye(x0.size)
+    def stalled(lam):
+        return lam >= 1e12
+
+    def flat(g, free):
+        return jnp.max(jnp.abs(g * free)) <= gtol
 
     def not_done(st):
-        x, f, g, h, lam, it = st
-        return (it < max_iter) & ~(jnp.max(jnp.abs(g)) <= gtol) & (lam < 1e12) & jnp.isfinite(f)
+        x, f, g, h, lam, free, holds, it = st
+        all_free = free.sum() == n
+        finished = (flat(g, free) & all_free) | (stalled(lam) & (holds >= MAX_HOLDS))
+        return (it < max_iter) & ~finished & jnp.isfinite(f)
 
     def step(st):
-        x, f, g, h, lam, it = st
-        d = _solve(h + lam * (jnp.abs(jnp.diag(h)).max() + 1.0) * eye, -g)
+        x, f, g, h, lam, free, holds, it = st
+        hold = stalled(lam)  # hold the coordinate that pulls hardest (the kink)
+        release = flat(g, free) & ~hold  # the others have converged: free every coordinate again
+        free = jnp.where(hold, free * (jnp.arange(n) != jnp.argmax(jnp.abs(g * free))), free)
+        free = jnp.where(release, jnp.ones(n), free)
+        holds = holds + hold
+        lam = jnp.where(hold | release, 1e-3, lam)
+        hm = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)
+        d = _solve(hm + lam * (jnp.abs(jnp.diag(hm)).max() + 1.0) * jnp.eye(n), -g * free) * free
         f_new, g_new, h_new = evaluate(x + d)
         better = jnp.isfinite(f_new) & jnp.all(jnp.isfinite(g_new)) & (f_new <= f)
         pick = lambda a, b: jnp.where(better, a, b)  # noqa: E731
         return (pick(x + d, x), pick(f_new, f), pick(g_new, g), pick(h_new, h),
-                jnp.where(better, lam * 0.1, lam * 10.0), it + 1)
+                jnp.where(better, lam * 0.1, lam * 10.0), free, holds, it + 1)
 
     f0, g0, h0 = evaluate(x0)
-    x, f, g, _, lam, it = jax.lax.while_loop(not_done, step, (x0, f0, g0, h0, jnp.asarray(1e-3), 0))
+    x, f, g, _, lam, free, _, it = jax.lax.while_loop(
+        not_done, step, (x0, f0, g0, h0, jnp.asarray(1e-3), jnp.ones(n), 0, 0))
     # Converged: the gradient vanishes, or no step, however short, lowers the objective any more
-    # (a minimum at a kink of the model, where the gradient need not vanish).
-    converged = jnp.isfinite(f) & ((jnp.max(jnp.abs(g)) <= gtol) | (lam >= 1e12))
+    # (a minimum at a kink, where the gradient need not vanish).
+    converged = jnp.isfinite(f) & ((flat(g, free) & (free.sum() == n)) | stalled(lam))
     return x, f, converged, it
 
 
