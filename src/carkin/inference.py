@@ -181,7 +181,7 @@ class FitProblem:
     errors: dict  # observable -> ErrorModel
     priors: dict  # site name -> numpyro distribution
     site_meta: dict = field(default_factory=dict)  # site -> (units, long_name)
-    centred: tuple[str, ...] = ()  # random parameters sampled centred (see numpyro_model)
+    centred: tuple[str, ...] = ()  # random parameters sampled centred (see _standardised_effects)
 
     # -- structure ------------------------------------------------------------------
     def subject_parameters(self, params: dict, x_row, z_row):
@@ -258,7 +258,6 @@ class FitProblem:
         # a non-finite term makes the sum non-finite, so one scalar check covers every observation.
         total = ll.sum()
         numpyro.factor("log_likelihood", jnp.where(ok & jnp.isfinite(total), total, -jnp.inf))
-
 
     def _standardised_effects(self, params: dict):
         """Sample the (S, R) standardised random effects z.
