@@ -224,18 +224,20 @@ class FitProblem:
                              d.model_covariates)
         return f[d.obs_subject, d.obs_kind, d.obs_tindex], jnp.all(ok)
 
-    def pointwise_log_likelihood(self, params: dict, f, obs=None):
+    def pointwise_log_likelihood(self, params: dict, f, obs=None, kind=None):
         """Log-likelihood of each observation; ``obs`` = (y, blq, lloq) replaces the design's own
-        measurements (same design, other data: batches of simulated datasets)."""
+        measurements (same design, other data: batches of simulated datasets), and ``kind``
+        the observable index of each (observations regrouped, as per subject)."""
         d = self.design
         y, blq, lloq = (d.y, d.blq, d.lloq) if obs is None else obs
+        kind = d.obs_kind if kind is None else kind
         ll = None
         for k, name in enumerate(d.observables):
             err = self.errors[name]
             add = params.get(f"sigma_add_{name}", 0.0)
             term = observation.log_likelihood(err.kind, y, f, blq, lloq, params[f"sigma_{name}"], add)
             # elementwise selection, not a scatter: fewer kernels in the sampler's gradient
-            ll = term if ll is None else jnp.where(d.obs_kind == k, term, ll)
+            ll = term if ll is None else jnp.where(kind == k, term, ll)
         return ll
 
     def sample_measurements(self, params: dict, f, key):
