@@ -240,6 +240,32 @@ class FitProblem:
             ll = term if ll is None else jnp.where(kind == k, term, ll)
         return ll
 
+    def log_likelihood(self, params: dict, theta):
+        """Summed log-likelihood of the design's own measurements given individual parameters
+        ``theta``, and the all-solves-ok flag. Which records are censored is known here, so each
+        record gets only its own term: the censored term's log-CDF is the costliest part of the
+        sampler's gradient, and computing it for every record (as a selection must) doubles it."""
+        d = self.design
+        grid, ok = predict_grid(self.model, d.observables, d.times, d.dose_times, d.dose_cells, theta,
+                                d.model_covariates)
+        groups = [(k, censored, np.flatnonzero((d.obs_kind == k) & (d.blq == censored)))
+                  for k in range(len(d.observables)) for censored in (False, True)]
+        order = np.concatenate([rows for *_, rows in groups])
+        f = grid[d.obs_subject[order], d.obs_kind[order], d.obs_tindex[order]]  # one gather, then slices
+        total, start = 0.0, 0
+        for k, censored, rows in groups:
+            err, name = self.errors[d.observables[k]], d.observables[k]
+            sigma, add = params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)
+            part = f[start:start + rows.size]
+            start += rows.size
+            if rows.size == 0:
+                continue
+            if censored:
+                total = total + observation.log_censored(err.kind, d.lloq[rows], part, sigma, add).sum()
+            else:
+                total = total + observation.log_density(err.kind, d.y[rows], part, sigma, add).sum()
+        return total, jnp.all(ok)
+
     def sample_measurements(self, params: dict, f, key):
         """Measurements around predictions ``f`` with each observable's residual error (uncensored)."""
         d = self.design
@@ -254,11 +280,14 @@ class FitProblem:
         params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
         if self.random:
             params["z"] = self._standardised_effects(params)
-        f, ok = self.predictions(self.individual(params))
-        ll = self.pointwise_log_likelihood(params, f, obs)
+        theta = self.individual(params)
+        if obs is None:
+            total, ok = self.log_likelihood(params, theta)
+        else:
+            f, ok = self.predictions(theta)
+            total = self.pointwise_log_likelihood(params, f, obs).sum()
         # A failed solve rejects the point (the sampler counts a divergence) rather than crashing the run;
         # a non-finite term makes the sum non-finite, so one scalar check covers every observation.
-        total = ll.sum()
         numpyro.factor("log_likelihood", jnp.where(ok & jnp.isfinite(total), total, -jnp.inf))
 
     def _standardised_effects(self, params: dict):
@@ -443,7 +472,7 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
 
 def sample_posteriors(problem: FitProblem, init_keys, run_keys, obs, init_strategy, **options):
     """NUTS chains of ``problem``'s posterior, chain ``b`` given measurements ``obs[b]`` (a
-    (y, blq, lloq) batch), started by ``init_strategy`` with ``init_keys[b]``; ``options`` go
+    (y, blq, lloq) batch; None: the design's own measurements for every chain), started by ``init_strategy`` with ``init_keys[b]``; ``options`` go
     to carkin.sampling.run_nuts. Raises FitError when no chain finds a start."""
     from numpyro.infer.util import initialize_model
 
@@ -468,12 +497,10 @@ def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_
     sampler statistics and the sampler's compile and run times."""
     from numpyro.infer import init_to_median, init_to_value
 
-    d = problem.design
-    obs = (np.where(d.blq, 1.0, d.y), d.blq, d.lloq)  # censored values are never read
     k_init, k_run = jax.random.split(key)
     init = init_to_value(values=start) if start is not None else init_to_median(num_samples=15)
-    shared = jax.tree.map(lambda a: np.broadcast_to(a, (chains,) + np.shape(a)), obs)
-    run = sample_posteriors(problem, jax.random.split(k_init, chains), jax.random.split(k_run, chains), shared,
+    # obs=None: every chain targets the design's own measurements, fixed in the compiled program
+    run = sample_posteriors(problem, jax.random.split(k_init, chains), jax.random.split(k_run, chains), None,
                             init, warmup=warmup, samples=samples, target_accept=target_accept,
                             max_tree_depth=max_tree_depth, progress=progress, label="NUTS chains")
     keep = set(problem.priors) | {"z"}

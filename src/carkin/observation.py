@@ -60,15 +60,26 @@ def log_likelihood(kind: str, y, f, blq, lloq, sigma, sigma_add=0.0):
     ``blq`` marks censored records, whose term is log P(y < lloq); ``y`` is ignored
     there (it may be NaN). All arrays share one shape.
     """
-    centre, sd = _scale(kind, f, sigma, sigma_add)
-    log_scale = kind == "log-additive"
     safe_y = jnp.where(blq, 1.0, y)  # keep NaN out of the unused branch (its gradient too)
-    g_y = jnp.log(jnp.maximum(safe_y, PREDICTION_FLOOR)) if log_scale else safe_y
-    observed = norm.logpdf(g_y, centre, sd) - (g_y if log_scale else 0.0)
     safe_lloq = jnp.where(blq, lloq, 1.0)
-    g_lloq = jnp.log(safe_lloq) if log_scale else safe_lloq
-    censored = norm.logcdf((g_lloq - centre) / sd)
-    return jnp.where(blq, censored, observed)
+    return jnp.where(blq, log_censored(kind, safe_lloq, f, sigma, sigma_add),
+                     log_density(kind, safe_y, f, sigma, sigma_add))
+
+
+def log_density(kind: str, y, f, sigma, sigma_add=0.0):
+    """Log density of measured (uncensored) values ``y`` given predictions ``f``."""
+    centre, sd = _scale(kind, f, sigma, sigma_add)
+    if kind == "log-additive":
+        g_y = jnp.log(jnp.maximum(y, PREDICTION_FLOOR))
+        return norm.logpdf(g_y, centre, sd) - g_y
+    return norm.logpdf(y, centre, sd)
+
+
+def log_censored(kind: str, lloq, f, sigma, sigma_add=0.0):
+    """Log probability that a measurement lies below ``lloq`` given predictions ``f`` (M3)."""
+    centre, sd = _scale(kind, f, sigma, sigma_add)
+    g_lloq = jnp.log(lloq) if kind == "log-additive" else lloq
+    return norm.logcdf((g_lloq - centre) / sd)
 
 
 def sample(kind: str, key, f, sigma, sigma_add=0.0):
