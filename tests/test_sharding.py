@@ -49,6 +49,22 @@ FIT_SCRIPT = textwrap.dedent("""
              steps=tree["sample_stats"]["n_steps"].values, batch_cmax=many["cmax"], batch_tmax=many["tmax"])
 """)
 
+# An ODE model's chains: split over devices when its gradient runs in forward mode (few estimated parameters).
+ODE_FIT_SCRIPT = textwrap.dedent("""
+    import sys, warnings
+    import numpy as np
+    import jax
+    import carkin as ck
+    from carkin.inference import _nuts, make_problem
+    out, path = sys.argv[1], sys.argv[2]
+    warnings.simplefilter("ignore")
+    model = ck.load_model("cd7_cart", product_type="naturally_selected")
+    data = ck.read_dataset(path)
+    problem = make_problem(model, data.subset(data.ids[:2]), estimate=("rho", "k_kill", "d_e", "f_blood"))
+    draws, stats, timing = _nuts(problem, jax.random.PRNGKey(5), 3, 3, 2, 0.8, 2, None, False)
+    np.savez(out, devices=timing["devices"], rho=draws["rho"], z=draws["z"], steps=stats["n_steps"])
+""")
+
 
 def run(tmp_path, name, env_extra, script=SCRIPT, args=()):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CARKIN_CPU_DEVICES")}
@@ -96,4 +112,15 @@ def test_sharded_chains_and_dataset_batches_equal_single_device(fits):
     assert not np.allclose(many["tmax"][0], many["tmax"][1])
     # ... and each chain, and each dataset's fit, is the same draw for draw on 4 devices as on 1
     for key in ("tmax", "eta", "steps", "batch_cmax", "batch_tmax"):
+        np.testing.assert_array_equal(many[key], one[key])
+
+
+@pytest.mark.slow  # two processes each compile the forward-mode gradient through the ODE solve (about 3 min)
+def test_ode_model_chains_split_over_devices_equal_single_device(tmp_path):
+    data = str(Path(__file__).resolve().parents[1] / "data" / "cd7_sim.csv")
+    many = run(tmp_path, "four", {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, ODE_FIT_SCRIPT, (data,))
+    one = run(tmp_path, "one", {"CARKIN_CPU_DEVICES": "1"}, ODE_FIT_SCRIPT, (data,))
+    assert int(many["devices"]) == 4 and int(one["devices"]) == 1  # devices the chains ran on
+    assert many["rho"].shape == (3, 2) and not np.allclose(many["rho"][0], many["rho"][1])
+    for key in ("rho", "z", "steps"):
         np.testing.assert_array_equal(many[key], one[key])

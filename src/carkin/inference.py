@@ -43,6 +43,7 @@ TREE_DEPTH_SATURATION_MAX = 0.01  # fraction of draws allowed to hit the maximal
 DRAW_BATCH = 64  # posterior draws per compiled batch when computing predictions
 SVI_STEP_SIZE = 0.01
 SVI_INIT_SCALE = 0.05
+FORWARD_MODE_MAX_PARAMETERS = 4  # ODE gradients in forward mode up to this many estimated parameters (measured: benchmarks/README.md)
 SVI_DRIFT_MAX = 0.01  # relative change of the loss over the last tenth of the steps that counts as converged
 
 
@@ -142,22 +143,72 @@ def build_design(model: Model, data: StudyData) -> Design:
 # --- predictions -------------------------------------------------------------------------------
 
 
-def subject_observables(model: Model, names, times, dose_t, dose_c, theta, cov):
-    """Observables ``names`` of one subject at ``times``: (len(names), len(times)), and an ok flag."""
+def subject_observables(model: Model, names, times, dose_t, dose_c, theta, cov, adjoint=None):
+    """Observables ``names`` of one subject at ``times``: (len(names), len(times)), and an ok flag.
+    ``adjoint``: how an ODE solve is differentiated (carkin.solve.solve_subject)."""
     p = dict(zip(model.parameter_names, theta))
     c = dict(zip((cv.name for cv in model.covariates), cov))
     if model.has_closed_form:
         out, ok = model.closed_form_observables(times, p, c, dose_t, dose_c), True
     else:
-        ys, ok, _ = solve_subject(model, times, dose_t, dose_c, p, c)
+        ys, ok, _ = solve_subject(model, times, dose_t, dose_c, p, c, adjoint=adjoint)
         out = model.observe(ys, p, c)
     f = jnp.stack([out[n] for n in names])
     return f, ok & jnp.all(jnp.isfinite(f))
 
 
-def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov):
-    """Batched :func:`subject_observables`: leading subject axis on every argument but ``names``."""
-    return jax.vmap(lambda *a: subject_observables(model, names, *a))(times, dose_t, dose_c, theta, cov)
+def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=None):
+    """Batched :func:`subject_observables`: leading subject axis on every argument but ``names``.
+
+    ``free`` (indices into the model's parameters) are the only parameters gradients are taken
+    with respect to; ODE solves are then differentiated in forward mode over them (see
+    :func:`_forward_mode_observables`). None: reverse mode through the solve."""
+    one = lambda *a: subject_observables(model, names, *a)  # noqa: E731
+    if free is not None and not model.has_closed_form:
+        one = _forward_mode_observables(model, names, tuple(int(i) for i in free))
+    args = jax.tree.map(jnp.asarray, (times, dose_t, dose_c, theta, cov))  # custom_vjp takes JAX arrays only
+    return jax.vmap(one)(*args)
+
+
+def _forward_mode_observables(model: Model, names, free: tuple):
+    """:func:`subject_observables` whose reverse-mode gradient is computed in forward mode: the
+    solve carries one tangent per parameter in ``free`` (a few, in a population fit), and the
+    gradient is the Jacobian's product with the cotangent. With few parameters this costs less
+    than reverse mode's checkpointed sweep back through the solver (benchmarks/README.md), and
+    its plain loops run inside ``shard_map``, so ODE fits can split their chains over devices."""
+    import diffrax as dfx
+
+    idx = np.asarray(free, int)
+
+    def solve(times, dose_t, dose_c, theta, cov):
+        f, ok = subject_observables(model, names, times, dose_t, dose_c, theta, cov, adjoint=dfx.ForwardMode())
+        return f, ok.astype(theta.dtype)  # a float flag: custom_vjp outputs need cotangents
+
+    @jax.custom_vjp
+    def observables(times, dose_t, dose_c, theta, cov):
+        return solve(times, dose_t, dose_c, theta, cov)
+
+    def forward(times, dose_t, dose_c, theta, cov):
+        def at(sub):
+            out = solve(times, dose_t, dose_c, theta.at[idx].set(sub), cov)
+            return out[0], out
+
+        jac, out = jax.jacfwd(at, has_aux=True)(theta[idx])  # jac: (K, T, len(free))
+        return out, (jac, theta, times, dose_t, dose_c, cov)
+
+    def backward(res, ct):
+        jac, theta, times, dose_t, dose_c, cov = res
+        g = jnp.zeros_like(theta).at[idx].set(jnp.einsum("kt,ktf->f", ct[0], jac))
+        # the design (times, doses, covariates) is data: no gradient flows to it
+        return (jnp.zeros_like(times), jnp.zeros_like(dose_t), jnp.zeros_like(dose_c), g, jnp.zeros_like(cov))
+
+    observables.defvjp(forward, backward)
+
+    def one(times, dose_t, dose_c, theta, cov):
+        f, ok = observables(times, dose_t, dose_c, theta, cov)
+        return f, ok > 0.5
+
+    return one
 
 
 # --- the population model --------------------------------------------------------------------
@@ -200,6 +251,14 @@ class FitProblem:
             values.append(from_unconstrained(h, kinds[name]))
         return jnp.stack(values)
 
+    @property
+    def forward_mode_parameters(self):
+        """Indices of the estimated parameters when an ODE solve's gradient is cheaper in forward
+        mode over them (at most FORWARD_MODE_MAX_PARAMETERS of them); None for reverse mode."""
+        if len(self.estimated) > FORWARD_MODE_MAX_PARAMETERS:
+            return None
+        return tuple(self.model.parameter_names.index(n) for n in self.estimated)
+
     def typical_unconstrained(self, params: dict, x_row, name: str):
         """Unconstrained typical value of parameter ``name`` for a subject with covariate-effect
         row ``x_row``: the centre of that subject's random effect."""
@@ -221,7 +280,7 @@ class FitProblem:
         """Individual predictions at every observation (N,) and an all-solves-ok flag."""
         d = self.design
         f, ok = predict_grid(self.model, d.observables, d.times, d.dose_times, d.dose_cells, theta,
-                             d.model_covariates)
+                             d.model_covariates, self.forward_mode_parameters)
         return f[d.obs_subject, d.obs_kind, d.obs_tindex], jnp.all(ok)
 
     def pointwise_log_likelihood(self, params: dict, f, obs=None, kind=None):
@@ -247,7 +306,7 @@ class FitProblem:
         sampler's gradient, and computing it for every record (as a selection must) doubles it."""
         d = self.design
         grid, ok = predict_grid(self.model, d.observables, d.times, d.dose_times, d.dose_cells, theta,
-                                d.model_covariates)
+                                d.model_covariates, self.forward_mode_parameters)
         groups = [(k, censored, np.flatnonzero((d.obs_kind == k) & (d.blq == censored)))
                   for k in range(len(d.observables)) for censored in (False, True)]
         order = np.concatenate([rows for *_, rows in groups])
@@ -489,7 +548,8 @@ def sample_posteriors(problem: FitProblem, init_keys, run_keys, obs, init_strate
                 raise
             raise FitError(NO_START) from None
     return run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, run_keys, obs,
-                    split_over_devices=problem.model.has_closed_form, **options)
+                    split_over_devices=problem.model.has_closed_form or problem.forward_mode_parameters is not None,
+                    **options)
 
 
 def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, progress):
@@ -515,7 +575,8 @@ def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_
         "step_size": extra["step_size"],
         "lp": -extra["potential_energy"],
     }
-    return draws, stats, {"compile_s": round(run.compile_s, 3), "sampling_s": round(run.run_s, 3)}
+    return draws, stats, {"compile_s": round(run.compile_s, 3), "sampling_s": round(run.run_s, 3),
+                          "devices": run.devices}
 
 
 def _svi(problem: FitProblem, key, steps: int, n_draws: int, progress: bool):

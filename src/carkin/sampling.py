@@ -27,12 +27,14 @@ PROGRESS_UPDATES = 50  # progress callbacks per chain
 @dataclass(frozen=True)
 class NutsRun:
     """Draws (constrained sites, each (batch, draw, ...)), per-draw sampler statistics
-    (each (batch, draw)), and the compile and run times of the sampler in seconds."""
+    (each (batch, draw)), the compile and run times of the sampler in seconds, and the
+    number of devices the chains were split over."""
 
     draws: dict
     stats: dict
     compile_s: float
     run_s: float
+    devices: int = 1
 
 
 def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup: int, samples: int,
@@ -44,9 +46,10 @@ def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup
     ``postprocess_fn_gen(data_b)(z)`` maps an unconstrained point to the constrained sites
     that are kept. ``data`` is a pytree with a leading batch axis (use
     ``numpy.broadcast_to`` for chains that share one dataset). Every ``thin``-th draw is kept.
-    ``split_over_devices=False`` keeps every chain on the first device: gradients through a
-    diffrax ODE solve fail inside ``shard_map`` (equinox's closure check of the checkpointed
-    adjoint), so models without a closed form sample on one device.
+    ``split_over_devices=False`` keeps every chain on the first device: reverse-mode gradients
+    through a diffrax ODE solve fail inside ``shard_map`` (equinox's closure check of the
+    checkpointed adjoint, diffrax issue 765), so ODE fits differentiated in reverse mode sample
+    on one device; in forward mode they split like the others.
     """
     from numpyro.infer.hmc import hmc
 
@@ -89,7 +92,7 @@ def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup
     if bar is not None:
         bar.close()
     draws, stats = jax.tree.map(lambda a: np.asarray(a)[:n], (draws, stats))
-    return NutsRun(draws, stats, t1 - t0, t2 - t1)
+    return NutsRun(draws, stats, t1 - t0, t2 - t1, n_dev)
 
 
 def over_devices(local, n_dev: int, axis: str):

@@ -43,10 +43,12 @@ def solve_subject(
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int | None = None,
+    adjoint=None,
 ):
     """States at ``times`` for one subject.
 
-    Returns ``(ys, ok, n_steps)``: ``ys`` has shape (len(times), n_states); ``ok``
+    ``adjoint`` is diffrax's way of differentiating the solve: None for its default
+    (reverse mode, checkpointed), ``diffrax.ForwardMode()`` for forward mode. Returns ``(ys, ok, n_steps)``: ``ys`` has shape (len(times), n_states); ``ok``
     is False when any segment's solve failed (its ``ys`` are then unreliable).
     """
     solver, controller = solver_for(model, rtol, atol)
@@ -77,6 +79,7 @@ def solve_subject(
             term, solver, t0, t1, model.solver.dt0, y, args=phase,
             saveat=dfx.SaveAt(ts=jnp.clip(times, t0, t1), t1=True),
             stepsize_controller=controller, max_steps=max_steps, throw=False,
+            **({} if adjoint is None else {"adjoint": adjoint}),
         )
         ok = sol.result == dfx.RESULTS.successful
         return sol.ys[:-1], sol.ys[-1], ok, sol.stats["num_steps"]
