@@ -31,10 +31,9 @@ from pathlib import Path
 os.environ.setdefault("CARKIN_CPU_DEVICES", "1")  # one device: the cost of one gradient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from simulate_throughput import machine  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from simulate_throughput import machine  # noqa: E402
 
 import carkin as ck  # noqa: E402
 import carkin.inference as inference  # noqa: E402
@@ -61,6 +60,11 @@ def timed(fn, x) -> tuple[float, float, object]:
     return compile_s, best, out
 
 
+def flat_log_density(potential, unravel):
+    """numpyro's potential energy as a function of one flat vector."""
+    return lambda flat: potential(unravel(flat))
+
+
 def measure(model, data, n_estimated: int) -> dict:
     from jax.flatten_util import ravel_pytree
     from numpyro.infer import init_to_median
@@ -77,8 +81,9 @@ def measure(model, data, n_estimated: int) -> dict:
         potential = info.potential_fn(None)
         flat, unravel = ravel_pytree(info.param_info.z)
         row["unconstrained_dim"] = int(flat.size)
-        _, value_s, _ = timed(lambda f: potential(unravel(f)), flat)
-        compile_s, grad_s, (_, g) = timed(jax.value_and_grad(lambda f: potential(unravel(f))), flat)
+        log_density = flat_log_density(potential, unravel)
+        _, value_s, _ = timed(log_density, flat)
+        compile_s, grad_s, (_, g) = timed(jax.value_and_grad(log_density), flat)
         grads[mode] = np.asarray(g)
         row[mode] = {"value_ms": round(value_s * 1e3, 3), "value_and_gradient_ms": round(grad_s * 1e3, 3),
                      "gradient_over_value": round(grad_s / value_s, 2), "compile_s": round(compile_s, 1)}

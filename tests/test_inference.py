@@ -237,6 +237,24 @@ def test_summed_likelihood_of_two_observables_matches_scipy():
     assert float(total) == pytest.approx(expected, rel=LOGDENS_RTOL)
     assert float(problem.pointwise_log_likelihood(params, f).sum()) == pytest.approx(expected, rel=LOGDENS_RTOL)
 
+
+def test_log_normal_cdf_matches_scipy_far_into_both_tails():
+    import scipy.special as sp
+
+    from carkin.observation import LOG_CDF_SERIES_BELOW, log_normal_cdf
+
+    u = np.concatenate([np.linspace(-60.0, 12.0, 20001), [LOG_CDF_SERIES_BELOW, 0.0]])
+    ours = np.asarray(log_normal_cdf(u))
+    ref = sp.log_ndtr(u)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-300)
+    # d/du log Phi(u) = phi(u) / Phi(u); the series and the erfc sides both give it (no halving at the switch)
+    grad = np.asarray(jax.vmap(jax.grad(log_normal_cdf))(u))
+    np.testing.assert_allclose(grad, np.exp(st.norm.logpdf(u) - ref), rtol=1e-10)
+    # far outside (a prediction absurdly far from the LLOQ during warmup): finite values and gradients
+    far = np.array([-1e8, -1e3, 40.0, 1e3, 1e8])
+    assert np.all(np.isfinite(np.asarray(jax.vmap(jax.grad(log_normal_cdf))(far))))
+    np.testing.assert_allclose(np.asarray(log_normal_cdf(far)), sp.log_ndtr(far), rtol=1e-12)
+
 # --- BLQ: censoring recovers the terminal rate, dropping BLQ rows biases it ----------------------------
 
 BLQ_TRUE_BETA = 0.0032

@@ -47,9 +47,10 @@ def solve_subject(
 ):
     """States at ``times`` for one subject.
 
-    ``adjoint`` is diffrax's way of differentiating the solve: None for its default
-    (reverse mode, checkpointed), ``diffrax.ForwardMode()`` for forward mode. Returns ``(ys, ok, n_steps)``: ``ys`` has shape (len(times), n_states); ``ok``
-    is False when any segment's solve failed (its ``ys`` are then unreliable).
+    Returns ``(ys, ok, n_steps)``: ``ys`` has shape (len(times), n_states); ``ok`` is False
+    when any segment's solve failed (its ``ys`` are then unreliable). ``adjoint`` is how
+    diffrax differentiates the solve: None for its default (reverse mode, checkpointed),
+    ``diffrax.ForwardMode()`` for forward mode.
     """
     solver, controller = solver_for(model, rtol, atol)
     max_steps = max_steps or model.solver.max_steps
