@@ -314,16 +314,16 @@ class FitProblem:
         f = grid[d.obs_subject[order], d.obs_kind[order], d.obs_tindex[order]]  # one gather, then slices
         total, start = 0.0, 0
         for k, censored, rows in groups:
-            err, name = self.errors[d.observables[k]], d.observables[k]
-            sigma, add = params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)
+            name = d.observables[k]
+            kind, sigma, add = self.errors[name].kind, params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)
             part = f[start:start + rows.size]
             start += rows.size
             if rows.size == 0:
                 continue
             if censored:
-                total = total + observation.log_censored(err.kind, d.lloq[rows], part, sigma, add).sum()
+                total = total + observation.log_censored(kind, d.lloq[rows], part, sigma, add).sum()
             else:
-                total = total + observation.log_density(err.kind, d.y[rows], part, sigma, add).sum()
+                total = total + observation.log_density(kind, d.y[rows], part, sigma, add).sum()
         return total, jnp.all(ok)
 
     def sample_measurements(self, params: dict, f, key):
