@@ -44,8 +44,8 @@ def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup
     with a leading batch axis) and targets ``potential_fn_gen(data[b])``.
 
     ``postprocess_fn_gen(data_b)(z)`` maps an unconstrained point to the constrained sites
-    that are kept. ``data`` is a pytree with a leading batch axis (use
-    ``numpy.broadcast_to`` for chains that share one dataset). Every ``thin``-th draw is kept.
+    that are kept. ``data`` is a pytree with a leading batch axis, or None when every chain
+    targets the same data, fixed inside ``potential_fn_gen``. Every ``thin``-th draw is kept.
     ``split_over_devices=False`` keeps every chain on the first device: reverse-mode gradients
     through a diffrax ODE solve fail inside ``shard_map`` (equinox's closure check of the
     checkpointed adjoint, diffrax issue 765), so ODE fits differentiated in reverse mode sample
