@@ -8,9 +8,11 @@ and writes the ranks (netCDF) and their histograms (PNG).
 
     python examples/sbc_stein.py --out out/sbc                      # 100 datasets of 20 subjects
     python examples/sbc_stein.py --n-datasets 4 --warmup 20 --samples 20 --out /tmp/sbc
+    python examples/sbc_stein.py --warmup 1000 --samples 1000 --thin 20 --max-tree-depth 10 \
+        --target-accept 0.9 --out out/sbc_long                       # about 70 min on 2 cores
 """
 
-# test-args: --n-datasets 3 --subjects 5 --warmup 10 --samples 10 --thin 2 --out {out}
+# test-args: --n-datasets 3 --subjects 5 --warmup 10 --samples 10 --thin 2 --max-tree-depth 5 --out {out}
 # test-outputs: sbc.nc sbc_ranks.png
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--thin", type=int, default=10, help="rank among every THIN-th draw (less autocorrelation)")
+    ap.add_argument("--target-accept", type=float, default=0.8, help="NUTS target acceptance probability")
+    ap.add_argument("--max-tree-depth", type=int, default=8, help="NUTS maximum tree depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/sbc")
     a = ap.parse_args(argv)
@@ -41,7 +45,8 @@ def main(argv=None) -> int:
     design = design.subset(design.ids[: a.subjects])
     t0 = time.perf_counter()
     sbc = simulation_based_calibration(ck.load_model("stein_2019"), design, a.n_datasets, warmup=a.warmup,
-                                       samples=a.samples, thin=a.thin, seed=a.seed)
+                                       samples=a.samples, thin=a.thin, seed=a.seed, target_accept=a.target_accept,
+                                       max_tree_depth=a.max_tree_depth, progress=True)
     print(f"{a.n_datasets} datasets of {design.n_subjects} subjects fitted in {time.perf_counter() - t0:.1f} s; "
           f"{int((sbc['divergences'] > 0).sum())} fit(s) with divergences")
     bins = max(2, min(10, a.n_datasets // 5))

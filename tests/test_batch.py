@@ -47,6 +47,23 @@ def test_fit_many_returns_draws_per_dataset(design):
     assert np.all(draws["tmax"] > 0)
 
 
+def test_sbc_passes_sampler_options_to_the_fits(design, monkeypatch):
+    import carkin.batch as batch
+
+    seen = {}
+
+    def recording_fit_many(*args, **kwargs):
+        seen.update(kwargs)
+        return fit_many(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "fit_many", recording_fit_many)
+    sbc = simulation_based_calibration(ck.load_model("stein_2019"), design, 2, warmup=4, samples=4, thin=2,
+                                       seed=5, target_accept=0.95, max_tree_depth=3)
+    assert (seen["target_accept"], seen["max_tree_depth"], seen["seed"], seen["thin"]) == (0.95, 3, 6, 2)
+    assert (sbc.attrs["target_accept"], sbc.attrs["max_tree_depth"]) == (0.95, 3)
+    assert sbc["rank"].shape == (2, 13) and int(sbc["rank"].max()) <= 2
+
+
 def test_rank_uniformity_is_exact_for_uniform_ranks():
     import xarray as xr
 

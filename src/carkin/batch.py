@@ -65,13 +65,16 @@ def prior_datasets(problem: FitProblem, n: int, seed: int = 0) -> tuple[dict, np
 
 def simulation_based_calibration(model: Model, design_data: StudyData, n_datasets: int = 100, *,
                                  warmup: int = 300, samples: int = 300, thin: int = 10, seed: int = 0,
+                                 target_accept: float = 0.8, max_tree_depth: int = 8, progress: bool = False,
                                  **problem_options) -> xr.Dataset:
     """SBC ranks of every population parameter over ``n_datasets`` prior-simulated datasets with the
     design of ``design_data``. Returns a Dataset: ``rank`` (dataset, parameter) in 0..L with
-    L = samples // thin draws per fit, the true values, and divergences per fit."""
+    L = samples // thin draws per fit, the true values, and divergences per fit. The sampler
+    options go to ``fit_many``; ``problem_options`` to ``make_problem``."""
     problem = make_problem(model, design_data, **problem_options)
     truth, y, blq = prior_datasets(problem, n_datasets, seed)
-    draws = fit_many(problem, y, blq, warmup=warmup, samples=samples, seed=seed + 1, thin=thin)
+    draws = fit_many(problem, y, blq, warmup=warmup, samples=samples, seed=seed + 1, thin=thin,
+                     target_accept=target_accept, max_tree_depth=max_tree_depth, progress=progress)
     sites = list(problem.priors)
     ranks = np.stack([(draws[s] < truth[s][:, None]).sum(axis=1) for s in sites], axis=1)
     n_draws = draws[sites[0]].shape[1]
@@ -83,6 +86,7 @@ def simulation_based_calibration(model: Model, design_data: StudyData, n_dataset
          "divergences": ("dataset", draws["diverging"].sum(axis=1), {"units": "1", "long_name": "divergent draws"})},
         coords={"dataset": np.arange(n_datasets), "parameter": sites},
         attrs={"n_draws": n_draws, "warmup": warmup, "samples": samples, "thin": thin, "seed": seed,
+               "target_accept": target_accept, "max_tree_depth": max_tree_depth,
                "model": model.name, "subjects": design_data.n_subjects},
     )
 
