@@ -191,6 +191,7 @@ def test_forward_mode_gradient_of_ode_predictions_matches_closed_form(small, ste
     np.testing.assert_allclose(g_ode[:, free], g_exact[:, free], rtol=ODE_VS_CLOSED_RTOL, atol=1e-8)
     assert np.all(g_ode[:, [0, 4]] == 0.0)
 
+
 def test_censored_observation_is_probability_below_lloq():
     from carkin.observation import log_likelihood
 
@@ -254,6 +255,7 @@ def test_log_normal_cdf_matches_scipy_far_into_both_tails():
     far = np.array([-1e8, -1e3, 40.0, 1e3, 1e8])
     assert np.all(np.isfinite(np.asarray(jax.vmap(jax.grad(log_normal_cdf))(far))))
     np.testing.assert_allclose(np.asarray(log_normal_cdf(far)), sp.log_ndtr(far), rtol=1e-12)
+
 
 # --- BLQ: censoring recovers the terminal rate, dropping BLQ rows biases it ----------------------------
 
