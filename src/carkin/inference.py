@@ -175,8 +175,8 @@ def _forward_mode_observables(model: Model, names, free: tuple):
     """:func:`subject_observables` whose reverse-mode gradient is computed in forward mode: the
     solve carries one tangent per parameter in ``free`` (a few, in a population fit), and the
     gradient is the Jacobian's product with the cotangent. With few parameters this costs no more
-    than reverse mode's checkpointed sweep back through the solver (benchmarks/README.md), and
-    its plain loops run inside ``shard_map``, so ODE fits can split their chains over devices."""
+    than reverse mode's checkpointed sweep back through the solver, and it compiles in about half
+    the time (benchmarks/README.md)."""
     import diffrax as dfx
 
     idx = np.asarray(free, int)
@@ -549,9 +549,7 @@ def sample_posteriors(problem: FitProblem, init_keys, run_keys, obs, init_strate
             if "valid initial parameters" not in str(e):
                 raise
             raise FitError(NO_START) from None
-    return run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, run_keys, obs,
-                    split_over_devices=problem.model.has_closed_form or problem.forward_mode_parameters is not None,
-                    **options)
+    return run_nuts(info.potential_fn, info.postprocess_fn, info.param_info.z, run_keys, obs, **options)
 
 
 def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_tree_depth, start, progress):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,9 +98,14 @@ def individual_estimates(problem: FitProblem, population: dict, *, starts: int =
     obs = _per_subject_observations(problem)
     model, names, R = problem.model, d.observables, len(problem.random)
 
+    # An ODE solve is differentiated in forward mode: diffrax's checkpointed reverse mode admits no
+    # derivative on top of it (the Hessian), and a subject has only a few random effects.
+    adjoint = None if model.has_closed_form else dfx.ForwardMode()
+
     def neg_log_posterior(z, s):
         theta = problem.subject_parameters(params, s["x"], z)
-        f, ok = subject_observables(model, names, s["times"], s["dose_t"], s["dose_c"], theta, s["cov"])
+        f, ok = subject_observables(model, names, s["times"], s["dose_t"], s["dose_c"], theta, s["cov"],
+                                    adjoint=adjoint)
         pred = f[s["kind"], s["tindex"]]
         ll = problem.pointwise_log_likelihood(params, pred, (s["y"], s["blq"], s["lloq"]), kind=s["kind"])
         value = -(jnp.sum(jnp.where(s["mask"], ll, 0.0)) - 0.5 * jnp.sum(z**2))
@@ -110,16 +116,15 @@ def individual_estimates(problem: FitProblem, population: dict, *, starts: int =
     z0 = jnp.concatenate([jnp.zeros((1, R)), jax.random.normal(jax.random.PRNGKey(START_SEED), (starts - 1, R))])
 
     def solve_one(s):
-        x, f, ok, it = jax.vmap(lambda z: _damped_newton(lambda zz: neg_log_posterior(zz, s), z, max_iter, gtol))(z0)
+        x, f, ok, it = jax.vmap(lambda z: _damped_newton(lambda zz: neg_log_posterior(zz, s), z, max_iter, gtol,
+                                                         forward=adjoint is not None))(z0)
         best = jnp.argmin(jnp.where(ok, f, jnp.inf))
         return x[best], f[best], ok[best], it.sum()
 
     per_subject = dict(x=np.asarray(problem.x, float).reshape(d.n_subjects, -1), times=d.times,
                        dose_t=d.dose_times, dose_c=d.dose_cells, cov=d.model_covariates, **obs)
     t0 = time.perf_counter()
-    # gradients through a diffrax solve fail inside shard_map (see carkin.sampling): ODE models use one device
-    n_dev = jax.local_device_count() if model.has_closed_form else 1
-    (z, fun, ok, nit), compile_s = _blocks(solve_one, per_subject, d.n_subjects, n_dev, progress)
+    (z, fun, ok, nit), compile_s = _blocks(solve_one, per_subject, d.n_subjects, jax.local_device_count(), progress)
     run_s = time.perf_counter() - t0 - compile_s
     theta = np.asarray(jax.jit(jax.vmap(lambda x_row, z_row: problem.subject_parameters(params, x_row, z_row)))(
         per_subject["x"], z))
@@ -151,7 +156,7 @@ def _solve(a, b):
 MAX_HOLDS = 3  # kinks met per optimisation before a stall counts as the minimum
 
 
-def _damped_newton(fun, x0, max_iter: int, gtol: float):
+def _damped_newton(fun, x0, max_iter: int, gtol: float, forward: bool = False):
     """Minimise ``fun`` by Newton steps damped Levenberg-Marquardt style: a step that does not
     lower ``fun`` (or leaves its domain) is retried shorter and closer to steepest descent.
     With a handful of random effects the exact Hessian is cheap and the steps robust where a
@@ -162,14 +167,24 @@ def _damped_newton(fun, x0, max_iter: int, gtol: float):
     with the largest gradient is held where it is and the rest are optimised; once they
     converge every coordinate is freed again (at most MAX_HOLDS times), so a held coordinate
     can still leave a kink that only looked like a minimum from where it was met.
+    ``forward``: gradient and Hessian in forward mode only (for ``fun`` that admit no reverse mode).
     Returns (x, fun(x), converged, iterations)."""
-    value_grad = jax.value_and_grad(fun)
-    hess = jax.hessian(fun)
     n = x0.size
 
+    def value_twice(x):
+        f = fun(x)
+        return f, f  # differentiated, and kept as it is
+
+    def gradient(x):
+        g, f = jax.jacfwd(value_twice, has_aux=True)(x)
+        return g, (f, g)
+
     def evaluate(x):
-        f, g = value_grad(x)
-        return f, g, hess(x)
+        if forward:  # one evaluation of fun carrying n x n tangents: value, gradient and Hessian
+            h, (f, g) = jax.jacfwd(gradient, has_aux=True)(x)
+            return f, g, h
+        f, g = jax.value_and_grad(fun)(x)
+        return f, g, jax.hessian(fun)(x)
 
     def stalled(lam):
         return lam >= 1e12
@@ -210,8 +225,10 @@ def _damped_newton(fun, x0, max_iter: int, gtol: float):
 
 def _blocks(solve_one, per_subject: dict, n: int, n_dev: int, progress):
     """Run ``solve_one`` over all ``n`` subjects in fixed-size blocks (one compiled shape),
-    each block split over ``n_dev`` devices."""
-    per_device = min(BLOCK_PER_DEVICE, 1 << max(0, (-(-n // n_dev) - 1).bit_length()))
+    each block split over ``n_dev`` devices. A device's share does not depend on ``n_dev``, so
+    each subject is solved in the same place of the same vectorised batch, with the same result,
+    on any number of devices."""
+    per_device = min(BLOCK_PER_DEVICE, 1 << max(0, (n - 1).bit_length()))
     block = per_device * n_dev
     program = over_devices(jax.vmap(solve_one), n_dev, "subjects")
     starts = range(0, n, block)

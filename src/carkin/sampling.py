@@ -14,12 +14,14 @@ step-size and diagonal mass-matrix adaptation during the ``warmup`` iterations.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.sharding import AxisType
 
 PROGRESS_UPDATES = 50  # progress callbacks per chain
 
@@ -39,17 +41,13 @@ class NutsRun:
 
 def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup: int, samples: int,
              target_accept: float = 0.8, max_tree_depth: int = 10, thin: int = 1, progress: bool = False,
-             label: str = "NUTS", split_over_devices: bool = True) -> NutsRun:
+             label: str = "NUTS") -> NutsRun:
     """Run ``len(keys)`` NUTS chains; chain ``b`` starts at ``starts[b]`` (unconstrained, a pytree
     with a leading batch axis) and targets ``potential_fn_gen(data[b])``.
 
     ``postprocess_fn_gen(data_b)(z)`` maps an unconstrained point to the constrained sites
     that are kept. ``data`` is a pytree with a leading batch axis, or None when every chain
     targets the same data, fixed inside ``potential_fn_gen``. Every ``thin``-th draw is kept.
-    ``split_over_devices=False`` keeps every chain on the first device: reverse-mode gradients
-    through a diffrax ODE solve fail inside ``shard_map`` (equinox's closure check of the
-    checkpointed adjoint, diffrax issue 765), so ODE fits differentiated in reverse mode sample
-    on one device; in forward mode they split like the others.
     """
     from numpyro.infer.hmc import hmc
 
@@ -80,7 +78,7 @@ def run_nuts(potential_fn_gen, postprocess_fn_gen, starts, keys, data, *, warmup
         return jax.vmap(postprocess_fn_gen(obs))(zs), stats
 
     local = jax.vmap(chain) if jax.default_backend() != "cpu" else (lambda args: jax.lax.map(chain, args))
-    n_dev = jax.local_device_count() if split_over_devices else 1
+    n_dev = jax.local_device_count()
     padded = -(-n // n_dev) * n_dev
     args = jax.tree.map(lambda a: _pad(np.asarray(a), padded), (starts, keys, data))
     program = over_devices(local, n_dev, "chains")
@@ -104,8 +102,45 @@ def over_devices(local, n_dev: int, axis: str):
 
     mesh = Mesh(np.array(jax.local_devices()[:n_dev]), (axis,))
     # check_vma=False: while loops (sampler, optimiser) carry values that are not annotated per device.
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis),
-                                 check_vma=False))
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis),
+                            check_vma=False)
+
+    def program(args):
+        with _closure_checks_ignore_manual_mesh():  # the body, gradients included, is traced here
+            return sharded(args)
+
+    return jax.jit(program)
+
+
+@contextlib.contextmanager
+def _closure_checks_ignore_manual_mesh():
+    """Reverse-mode gradients through a diffrax solve inside ``shard_map``.
+
+    diffrax's checkpointed adjoint calls an equinox closure-converted loop body, and equinox
+    (0.13.8) checks that it is called with the shapes, dtypes and shardings it was converted
+    with. Inside ``shard_map`` some of those arrays are tagged with the per-device (manual) mesh
+    and some are not, so the check fails although nothing differs (diffrax issue 765, open).
+    Every array inside ``shard_map`` is one device's own, so that tag carries no information:
+    while a sharded program is traced, the check leaves it out. Where equinox lacks the hook
+    (a later release), nothing is changed.
+    """
+    from equinox import _ad
+
+    strip = getattr(_ad, "_strip_weak_dtype", None)
+    if strip is None:
+        yield
+        return
+
+    def local(s):
+        axis_types = tuple(getattr(getattr(s.sharding, "mesh", None), "axis_types", ()))
+        manual = bool(axis_types) and all(t == AxisType.Manual for t in axis_types)
+        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=None if manual else s.sharding)
+
+    _ad._strip_weak_dtype = lambda tree: jax.tree.map(local, strip(tree))
+    try:
+        yield
+    finally:
+        _ad._strip_weak_dtype = strip
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:
