@@ -114,10 +114,10 @@ CD7_DATA = Path(__file__).resolve().parents[1] / "data" / "cd7_sim.csv"
 ODE_RANDOM = ("rho", "d_e")
 
 
-def scipy_ode_objective(model, data, subject, population):
-    """-log posterior of one cd7_sim subject's random effects z (up to the prior's constant),
-    written out again: states by scipy's LSODA at tight tolerance between infusions, log-normal
-    residuals with the M3 term for BLQ records."""
+def scipy_ode_objective(model, data, subject, population, random=ODE_RANDOM, rtol=1e-10, atol=1e-12):
+    """-log posterior of one cd7_sim subject's random effects z on ``random`` (log-normal; up to
+    the prior's constant), written out again: states by scipy's LSODA between infusions (tight
+    tolerances by default), log-normal residuals with the M3 term for BLQ records."""
     from scipy.integrate import solve_ivp
 
     rows = data.obs_subject == subject
@@ -141,7 +141,7 @@ def scipy_ode_objective(model, data, subject, population):
             sel = (days >= t0) & ((days < t1) if k < len(ends) - 1 else (days <= t1))
             t_eval = np.union1d(days[sel], [t1])  # ends at t1, where the next infusion starts from
             sol = solve_ivp(lambda t, u: np.asarray(rhs(t, u, theta)), (t0, t1), s, method="LSODA",
-                            rtol=1e-10, atol=1e-12, t_eval=t_eval)
+                            rtol=rtol, atol=atol, t_eval=t_eval)
             assert sol.success, sol.message
             out[sel] = sol.y.T[np.searchsorted(t_eval, days[sel])]
             s = sol.y[:, -1]
@@ -150,7 +150,7 @@ def scipy_ode_objective(model, data, subject, population):
 
     def objective(z):
         p = dict(model.values)
-        for name, zi in zip(ODE_RANDOM, z):
+        for name, zi in zip(random, z):
             p[name] = population[name] * np.exp(population[f"omega_{name}"] * zi)
         obs = {k: np.asarray(v) for k, v in model.observe(states(p), p, cov).items()}
         ll = 0.0
