@@ -142,7 +142,6 @@ def test_ode_model_chains_and_estimates_split_over_devices_equal_single_device(t
         for mode in ("fwd", "rev"):
             np.testing.assert_array_equal(many[f"{mode}_{key}"], one[f"{mode}_{key}"])
     # The estimates agree to rounding, not bit for bit: XLA compiles the vectorised Newton steps a
-    # little differently inside shard_map (in plain jit on a 4-device process they are bitwise equal).
-    np.testing.assert_array_equal(many["ebe_iterations"], one["ebe_iterations"])
+    # little differently inside shard_map and for other block sizes.
     for key in ("ebe_rho", "ebe_d_e"):
         np.testing.assert_allclose(many[key], one[key], rtol=1e-9, atol=1e-12)

@@ -225,10 +225,8 @@ def _damped_newton(fun, x0, max_iter: int, gtol: float, forward: bool = False):
 
 def _blocks(solve_one, per_subject: dict, n: int, n_dev: int, progress):
     """Run ``solve_one`` over all ``n`` subjects in fixed-size blocks (one compiled shape),
-    each block split over ``n_dev`` devices. A device's share does not depend on ``n_dev``, so
-    each subject is solved in the same place of the same vectorised batch, with the same result,
-    on any number of devices."""
-    per_device = min(BLOCK_PER_DEVICE, 1 << max(0, (n - 1).bit_length()))
+    each block split over ``n_dev`` devices."""
+    per_device = min(BLOCK_PER_DEVICE, 1 << max(0, (-(-n // n_dev) - 1).bit_length()))
     block = per_device * n_dev
     program = over_devices(jax.vmap(solve_one), n_dev, "subjects")
     starts = range(0, n, block)
