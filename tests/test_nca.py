@@ -119,7 +119,7 @@ def test_blq_rule_leading_zero_embedded_skipped_trailing_excluded():
 
 def test_all_blq_profile_is_nan_with_zero_terminal_points():
     res = scalars(nca(profile([0, 1, 2, 3], [np.nan, 0.1, 0.2, np.nan]), lloq=0.5))
-    assert res.pop("n_terminal") == 0
+    assert res.pop("n_terminal") == 0 and res.pop("n_contraction") == 0
     assert all(np.isnan(v) for v in res.values())
 
 
@@ -130,7 +130,7 @@ def test_lloq_broadcasts_per_subject():
     np.testing.assert_allclose(ds["auclast"].values, [0.5 * (0.5 + 3) + 2.5, 0.5 * 3 + 2.5], rtol=EXACT)
 
 
-def reference_terminal(t, c, min_points=3, tol=1e-4):
+def reference_terminal(t, c, min_points=3, tol=1e-4, min_span_ratio=2.0):
     """Loop over k with np.polyfit: the automatic rule written out plainly."""
     i = int(np.argmax(c))
     tt, lc = t[i + 1:], np.log(c[i + 1:])
@@ -142,7 +142,12 @@ def reference_terminal(t, c, min_points=3, tol=1e-4):
         fits.append((1 - (1 - r2) * (k - 1) / (k - 2), k, slope))
     best = max(f[0] for f in fits)
     adj, k, slope = max((f for f in fits if f[0] >= best - tol), key=lambda f: f[1])
-    return (-slope, k, adj) if slope < 0 else (np.nan, 0, np.nan)
+    if slope >= 0:
+        return np.nan, 0, np.nan
+    span = tt[-1] - tt[-k]
+    if span * -slope / np.log(2) < min_span_ratio:  # spans too few half-lives: not estimable
+        return np.nan, k, np.nan
+    return -slope, k, adj
 
 
 def test_terminal_phase_matches_a_looped_polyfit_reference():
@@ -154,6 +159,42 @@ def test_terminal_phase_matches_a_looped_polyfit_reference():
         res = scalars(nca(profile(t, c)))
         assert res["n_terminal"] == k
         np.testing.assert_allclose([res["lambda_z"], res["adj_r2"]], [lam, adj], rtol=1e-9)
+    # the same profiles with slow tails (half-life 140 days on a 90-day record): the span rule refuses them
+    refused = 0
+    for _ in range(40):
+        c = 1e4 * np.exp(-0.005 * t) * rng.lognormal(0, 0.05, t.size) + 1e3 * np.exp(-0.5 * t)
+        lam, k, adj = reference_terminal(t, c)
+        res = scalars(nca(profile(t, c)))
+        assert res["n_terminal"] == k
+        np.testing.assert_allclose([res["lambda_z"], res["adj_r2"]], [lam, adj], rtol=1e-9)
+        refused += np.isnan(lam)
+    assert refused > 20
+
+
+def biphasic(t, peak_day=10.0, contraction=0.16, switch_day=28.0, persistence=0.0032):
+    """Exponential rise to a peak of 1e4, contraction to ``switch_day``, then slow persistence: exact pieces."""
+    up = 1e4 * np.exp(0.8 * (t - peak_day))
+    down = 1e4 * np.exp(-contraction * (np.minimum(t, switch_day) - peak_day))
+    return np.where(t <= peak_day, up, down * np.exp(-persistence * np.maximum(t - switch_day, 0.0)))
+
+
+def test_contraction_half_life_is_exact_on_its_phase_and_reported_beside_the_terminal_one():
+    t = np.array([0, 1, 4, 7, 10, 14, 17, 21, 28, 56, 90, 180, 270, 365], float)
+    res = scalars(nca(profile(t, biphasic(t))))
+    assert res["lambda_contraction"] == pytest.approx(0.16, rel=EXACT)
+    assert res["half_life_contraction"] == pytest.approx(np.log(2) / 0.16, rel=EXACT)
+    assert res["n_contraction"] == 4  # days 14, 17, 21, 28: after Tmax (day 10), up to day 28
+    # the terminal fit finds the persistence phase (days 28-365 are exact: the most points win) and
+    # spans 337 days = 1.56 half-lives of 216.6 days: below the default span ratio of 2, so not estimable
+    assert res["n_terminal"] == 6 and res["span_ratio"] == pytest.approx(337 * 0.0032 / np.log(2), rel=EXACT)
+    assert np.isnan(res["half_life"]) and np.isnan(res["lambda_z"])
+    kept = scalars(nca(profile(t, biphasic(t)), min_span_ratio=None))
+    assert kept["lambda_z"] == pytest.approx(0.0032, rel=EXACT)
+    # a window on the contraction phase gives the contraction rate as the terminal one
+    window = scalars(nca(profile(t, biphasic(t)), lambda_z_window=(10, 28)))
+    assert window["lambda_z"] == pytest.approx(0.16, rel=EXACT) and window["n_terminal"] == 4
+    later = scalars(nca(profile(t, biphasic(t)), contraction_end=21))
+    assert later["n_contraction"] == 3 and later["lambda_contraction"] == pytest.approx(0.16, rel=EXACT)
 
 
 def test_terminal_phase_prefers_more_points_and_rejects_rising_tails():
@@ -218,6 +259,10 @@ def test_metadata_units_and_dataset_input():
         (lambda da: nca(xr.Dataset({"conc": da}), variable="nope"), "'nope'"),
         (lambda da: nca(da.rename(time="t")), "'time'"),
         (lambda da: nca(da, min_terminal_points=2), "min_terminal_points"),
+        (lambda da: nca(da, lambda_z_window=(28, 7)), "start < end"),
+        (lambda da: nca(da, lambda_z_window=28), "lambda_z_window"),
+        (lambda da: nca(da, min_span_ratio=-1), "min_span_ratio"),
+        (lambda da: nca(da, contraction_end=np.nan), "contraction_end"),
         (lambda da: nca_long(pd.DataFrame({"ID": [1], "TIME": [0.0]})), "['DV']"),
         (lambda da: nca_long(pd.DataFrame({"id": [1], "DV": [0.0]})), "['ID', 'TIME']"),
         (lambda da: nca_long(pd.DataFrame({"ID": [1], "TIME": [0.0], "DV": [1.0]}), blq_col="BLQ"), "['BLQ']"),

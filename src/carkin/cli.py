@@ -254,8 +254,18 @@ def _cmd_nca(args) -> int:
     if args.lloq is not None and not (math.isfinite(args.lloq) and args.lloq >= 0):
         raise CliError(f"--lloq must be a finite number >= 0, got {args.lloq:g}")
 
+    window = None
+    if args.lambda_z_window is not None:
+        window = _numbers(args.lambda_z_window, "--lambda-z-window")
+        if len(window) != 2 or not window[0] < window[1]:
+            raise CliError(f"--lambda-z-window must be START,END in days with START < END, "
+                           f"got {args.lambda_z_window!r}")
+    if args.min_span_ratio is not None and not (math.isfinite(args.min_span_ratio) and args.min_span_ratio >= 0):
+        raise CliError(f"--min-span-ratio must be a finite number >= 0 (0: no rule), got {args.min_span_ratio:g}")
     res = nca_long(df, id_col=args.id, time_col=args.time, dv_col=args.dv, blq_col=args.blq,
-                   lloq_col=args.lloq_col, lloq=args.lloq, method=args.method, partial_end=args.partial_end)
+                   lloq_col=args.lloq_col, lloq=args.lloq, method=args.method, partial_end=args.partial_end,
+                   lambda_z_window=window, min_span_ratio=args.min_span_ratio,
+                   contraction_end=args.contraction_end)
     header = list(res.columns)
     rows = [[str(r[c]) if c == args.id else _fmt(r[c]) for c in header] for _, r in res.iterrows()]
     print(f"NCA of {args.dv} vs {args.time} (days), {len(res)} profile(s), method {args.method}")
@@ -599,11 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "nca", help="non-compartmental analysis of a long-format CSV (one row per sample)",
         formatter_class=fmt,
-        description="NCA of observed data: Cmax, Tmax, AUC0-28, AUClast, Clast, Tlast and the terminal phase "
-                    "(lambda_z, half-life) per subject. Times must be in days.",
+        description="NCA of observed data: Cmax, Tmax, AUC0-28, AUClast, Clast, Tlast, the terminal phase "
+                    "(lambda_z, half-life, span ratio) and the contraction phase (Tmax to --contraction-end) per "
+                    "subject. Times must be in days.",
         epilog="BLQ handling: a sample is BLQ when DV is missing, its --blq flag is non-zero or DV < LLOQ\n"
                "(--lloq-col per row, else --lloq). BLQ before the first quantifiable sample counts as 0,\n"
-               "after it as missing.\n\nexample:\n"
+               "after it as missing.\n"
+               "Terminal phase: log-linear fits on the last k >= 3 points after Tmax (inside --lambda-z-window);\n"
+               "best adjusted R² (ties within 1e-4: most points); NaN unless lambda_z > 0 and the fit spans at\n"
+               "least --min-span-ratio half-lives.\n\nexample:\n"
                "  carkin nca pk.csv --id ID --time TIME --dv DV --lloq 10 --out nca.csv",
     )
     p.add_argument("file", metavar="FILE.csv", help="long-format CSV, one row per sample")
@@ -619,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AUC trapezoid rule (default %(default)s)")
     p.add_argument("--partial-end", type=float, default=28.0, metavar="DAY",
                    help="end of the partial AUC in days (default %(default)s: AUC0-28)")
+    p.add_argument("--lambda-z-window", metavar="START,END",
+                   help="days whose samples may enter the terminal fit (default: every sample after Tmax)")
+    p.add_argument("--min-span-ratio", type=float, default=2.0, metavar="R",
+                   help="terminal fits spanning fewer half-lives are not estimable (default %(default)s; 0: no rule)")
+    p.add_argument("--contraction-end", type=float, default=28.0, metavar="DAY",
+                   help="last day of the contraction-phase fit after Tmax (default %(default)s)")
     p.add_argument("--out", metavar="RESULT.csv", help="also write the results to this CSV")
     p.set_defaults(func=_cmd_nca)
 
