@@ -1,0 +1,1 @@
+"""Calibration results (JSON) written by calibration/calibrate.py, installed as carkin.calibrations."""
