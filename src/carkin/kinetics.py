@@ -124,6 +124,12 @@ class Model:
     has_switch: ClassVar[bool] = False
     has_closed_form: ClassVar[bool] = False
     solver: ClassVar[SolverSettings] = SolverSettings()
+    # how each observable is measured (residual error, LLOQ): carkin.observation.Assay per name
+    assays: ClassVar[dict] = {}
+    # what generic code needs to know of the model's names (any may be absent):
+    # exposure (CAR level), tumour (marrow blast %), escape (antigen-negative blast %),
+    # normal (antigen-positive normal cells), weight (the body-weight covariate)
+    roles: ClassVar[dict] = {}
 
     values: tuple[tuple[str, float], ...] = field(default=())
 

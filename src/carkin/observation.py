@@ -112,3 +112,23 @@ def sample(kind: str, key, f, sigma, sigma_add=0.0):
     centre, sd = _scale(kind, f, sigma, sigma_add)
     z = centre + sd * jax.random.normal(key, jnp.shape(f))
     return jnp.exp(z) if kind == "log-additive" else z
+
+
+@dataclass(frozen=True)
+class Assay:
+    """How an observable is measured: residual error model, its SDs, and the lower limit of quantification.
+
+    ``lloq`` 0 means no limit. ``source`` says where the values come from (or that they are assumptions)."""
+
+    error: str = "log-additive"
+    sigma: float = 0.5
+    sigma_add: float = 0.0
+    lloq: float = 0.0
+    source: str = ""
+
+    def __post_init__(self):
+        ErrorModel(self.error)  # same check, same message
+        for k in ("sigma", "sigma_add", "lloq"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"assay: {k} must be a finite number >= 0, got {v!r}")

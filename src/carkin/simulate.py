@@ -124,6 +124,19 @@ def _per_subject(name, value, n) -> np.ndarray:
     return arr
 
 
+def _check_domain(prm, values: np.ndarray) -> None:
+    """Refuse per-subject values outside the parameter's domain, as Model.with_values does for one value."""
+    ok = np.isfinite(values)
+    if prm.kind == "positive":
+        ok &= values > 0
+    elif prm.kind == "fraction":
+        ok &= (values > 0) & (values < 1)
+    if not ok.all():
+        from carkin.kinetics import check_value
+
+        check_value(prm.name, values[~ok][0], prm.kind)  # raises with the model's message
+
+
 def simulate(
     model: Model,
     regimen_or_list,
@@ -140,6 +153,7 @@ def simulate(
     progress: bool | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    measurements: bool = False,
 ) -> xr.Dataset:
     """Simulate ``model`` under one regimen or a list of regimens.
 
@@ -151,7 +165,9 @@ def simulate(
     ``params`` fix covariate or parameter values (scalar or one per subject).
     Every subject receives every regimen (a paired comparison). ``first_subject`` offsets
     the subjects' indices (a subject's draws depend only on the seed and its index), so a
-    population can be simulated in pieces that together equal one call.
+    population can be simulated in pieces that together equal one call. ``measurements=True``
+    adds simulated measurements of every observable with an assay (``<name>_measured`` with
+    the model's residual error, NaN below the LLOQ, and ``<name>_blq``; see carkin.measure).
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
@@ -189,8 +205,7 @@ def simulate(
     for j, prm in enumerate(model.parameters):
         if prm.name in (params or {}):
             v = _per_subject(prm.name, params[prm.name], n)
-            for x in np.unique(v):
-                model.with_values(**{prm.name: float(x)})  # validates the domain
+            _check_domain(prm, v)
             par_given[:, j], par_mask[j] = v, True
 
     chunk, n_dev = _layout(n, chunk_size)
@@ -228,7 +243,12 @@ def simulate(
             bar.update(1)
         results.append(jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts))
     bar.close()
-    return _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
+    ds = _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
+    if measurements:
+        from carkin.measure import measure
+
+        ds = measure(ds, model, seed=seed)
+    return ds
 
 
 class _NoBar:
