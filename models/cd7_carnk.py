@@ -74,17 +74,34 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from carkin.arms import Claim
 from carkin.kinetics import Model, Parameter, SolverSettings, State
+from carkin.physiology import blood_volume_ul
 
 from .cd7_cart import (
+    ASSAYS,
     COVARIATES,
     OBSERVABLES,
+    ROLES,
     TUMOUR_NORMAL_PARAMETERS,
-    blood_volume_ul,
     cd7_observables,
     kill_rate,
     tumour_normal_initial,
     tumour_normal_rates,
+)
+
+CAR_NK_NOTE = ("a CD19 CAR-NK product (IL-15-armed cord blood) stands in for CAR-NK cells in general: no CD7 CAR-NK "
+               "result was found; CD7 antigen and burden as the model's defaults (assumption)")
+CLAIMS = (
+    Claim("liu2020_all_persistence", dose_per_kg=1e7, age_years=(18.0, 70.0),
+          note=CAR_NK_NOTE + "; taken at the top dose level 1e7/kg; the median patient stays above the qPCR LLOQ "
+                             "(50 copies/µg, assumption) to day 365"),
+    Claim("liu2020_all_crs_any", "calibration", quantity="crs_grade3plus", age_years=(18.0, 70.0),
+          note=CAR_NK_NOTE + "; no CRS of any grade in 11 patients bounds grade >= 3; dose 1e6/kg, the middle of "
+                             "the three levels"),
+    Claim("ft596_all_crs_g3plus", "calibration", dose_per_kg=1e7, age_years=(18.0, 80.0),
+          note="iPSC-derived CD19 CAR-NK (FT596) stands in for CAR-NK cells; flat doses up to 9e8 cells (about "
+               "1.3e7/kg at 70 kg): taken at 1e7/kg (assumption)"),
 )
 
 
@@ -98,6 +115,7 @@ class CD7CARNK(Model):
         State("B", "cells/µL", "CD7+ leukaemic blasts (blood-equivalent)"),
         State("R", "cells/µL", "CD7-negative leukaemic blasts (blood-equivalent), not killed"),
         State("N", "cells/µL", "normal CD7+ T and NK cells"),
+        State("P", "cells/µL", "persistent (long-lived, quiescent) CAR-NK cells"),
     )
     parameters = (
         Parameter("rho", 0.8, "1/day", "maximal CAR-NK expansion rate (full stimulus, open window)",
@@ -114,34 +132,46 @@ class CD7CARNK(Model):
                   "assumption: lumped per blood CAR-NK cell; gives a dose-response over 1-5e7 cells/kg (day-28 "
                   "blasts ~50%, ~25%, <1% from 40%)", 0.4),
         Parameter("km_kill", 1000.0, "cells/µL", "target half-saturation of killing", "assumption: as cd7_cart", 0.3),
+        Parameter("k_p", 0.02, "1/day", "conversion of active CAR-NK cells to a long-lived quiescent pool",
+                  "assumption: with d_p, chosen so that the median subject stays above the qPCR LLOQ for at least "
+                  "12 months at 1e7 cells/kg (Liu et al. 2020, NEJM 382:545: 'persisted at low levels for at least "
+                  "12 months', a lower bound that cannot identify a rate)", 0.5),
+        Parameter("d_p", 0.002, "1/day", "loss rate of persistent CAR-NK cells",
+                  "assumption: half-life about a year, in line with low-level detection to 12 months (Liu 2020); "
+                  "not identified by any evidence row", 0.5),
         Parameter("f_blood", 0.02, "1", "fraction of infused CAR-NK cells found in blood after distribution",
                   "assumption: 1e7 cells/kg gives ~3 CAR-NK cells/µL", 0.5, kind="fraction"),
         *TUMOUR_NORMAL_PARAMETERS,
     )
     observables = OBSERVABLES
     covariates = COVARIATES
+    assays = ASSAYS
+    roles = ROLES
+    claims = CLAIMS
     dose_state = "E"
     solver = SolverSettings(rtol=1e-6, atol=1e-6, solver="Tsit5", max_steps=4096, dt0=0.05)
 
     def initial_state(self, p, cov):
         b0, r0, n0 = tumour_normal_initial(p, cov)
-        return jnp.stack([0.0 * b0, b0, r0, n0])
+        zero = 0.0 * b0
+        return jnp.stack([zero, b0, r0, n0, zero])
 
     def vector_field(self, t, y, p, cov, phase):
-        e, b, r, n = y[0], y[1], y[2], y[3]
+        e, b, r, n, q = y[0], y[1], y[2], y[3], y[4]
         antigen = b + n
         stim = antigen / (p["k_a"] + antigen)
         window = jnp.exp(-p["k_ld"] * t)
-        de = (p["rho"] * window * stim - p["d_e"]) * e
+        de = (p["rho"] * window * stim - p["d_e"] - p["k_p"]) * e
+        dq = p["k_p"] * e - p["d_p"] * q
         db, dr, dn = tumour_normal_rates(kill_rate(e, b, n, p), b, r, n, p, cov)
-        return jnp.stack([de, db, dr, dn])
+        return jnp.stack([de, db, dr, dn, dq])
 
     def observe(self, y, p, cov):
-        car = y[..., 0]
+        car = y[..., 0] + y[..., 4]
         return cd7_observables(car, 0.0 * car, y[..., 1], y[..., 2], y[..., 3], p)
 
     def cells_to_state(self, p, cov):
-        return p["f_blood"] / blood_volume_ul(cov)
+        return p["f_blood"] / blood_volume_ul(cov["WT"])
 
 
 MODEL = CD7CARNK

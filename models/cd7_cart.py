@@ -127,10 +127,13 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from carkin.arms import Claim
+from carkin.calibration import CalibrationSpec, Prior
 from carkin.kinetics import WEIGHT, Covariate, Model, Observable, Parameter, SolverSettings, State
+from carkin.observation import Assay
+from carkin.physiology import blood_volume_ul
 
 # --- constants ------------------------------------------------------------------------------
-BLOOD_VOLUME_ML_PER_KG = 70.0  # adult blood volume, mL/kg (standard physiology value)
 CELLS_PER_UG_GDNA = 151_500.0  # diploid human cells per µg genomic DNA (6.6 pg DNA per cell)
 
 # Fratricide scale phi per product type: the fraction of CAR cells with accessible CD7
@@ -154,17 +157,19 @@ CD7N0 = Covariate(
 )
 COVARIATES = (WEIGHT, BLAST, CD7N0)
 
+CALIBRATED = "calibrated: data/calibration/cd7_cart.json (mode; claims and uncertainty there)"
+
 # --- parameters shared by the CD7 models (tumour, normal CD7+ cells, qPCR measurement) --------
 TUMOUR_NORMAL_PARAMETERS = (
-    Parameter("r_t", 0.05, "1/day", "net growth rate of blasts below marrow capacity",
-              "assumption: doubling ~14 days; untreated, 40% marrow blasts reach >90% in ~2 months", 0.3),
+    Parameter("r_t", 0.04, "1/day", "net growth rate of blasts below marrow capacity",
+              CALIBRATED + " (relapse of non-transplanted responders, Zhang 2023; prior 0.05/day: doubling ~14 "
+              "days)", 0.3),
     Parameter("k_t", 5000.0, "cells/µL", "marrow capacity in blood-equivalent units (100% blasts)",
-              "assumption: lumped scale, set with k_kill/km_kill so that a 40% burden is cleared to "
-              "MRD-negative by day 28 at typical values (Lu et al. 2022, Blood 140:321: 19/20)", 0.0),
-    Parameter("f_r", 1e-5, "1", "CD7-negative fraction of blasts at infusion",
-              "assumption: rare pre-existing CD7-negative subclone; CD7-negative escape is a main relapse "
-              "route after CD7 CAR-T; with r_t it gives relapse after ~6 months in the typical subject",
-              1.5, kind="fraction"),
+              "assumption: lumped scale of the blood-equivalent tumour; the killing rate k_kill is calibrated "
+              "on this scale", 0.0),
+    Parameter("f_r", 2.962e-06, "1", "CD7-negative fraction of blasts at infusion",
+              CALIBRATED + " (relapse of non-transplanted responders, Zhang 2023; CD7-negative share of relapses, "
+              "Tan 2023); a rare pre-existing CD7-negative subclone", 1.185, kind="fraction"),
     Parameter("f_pb", 0.1, "1", "circulating CD7+ blasts per blood-equivalent marrow blast",
               "assumption: peripheral blasts ~200/µL at 40% marrow blasts", 0.8),
     Parameter("r_n", 0.05, "1/day", "homeostatic proliferation rate of normal CD7+ T/NK cells",
@@ -178,11 +183,6 @@ TUMOUR_NORMAL_PARAMETERS = (
     Parameter("vcn", 2.0, "copies/cell", "vector copy number per CAR+ cell",
               "assumption: typical lentiviral VCN 1-3 copies per transduced cell", 0.3),
 )
-
-
-def blood_volume_ul(cov):
-    """Blood volume in µL from body weight (70 mL/kg)."""
-    return BLOOD_VOLUME_ML_PER_KG * 1000.0 * cov["WT"]
 
 
 def tumour_normal_initial(p, cov):
@@ -214,6 +214,7 @@ def cd7_observables(car, cd7_car, b, r, n, p):
         "cd7_cells": n + p["f_pb"] * b + cd7_car,
         "blasts": 100.0 * (b + r) / p["k_t"],
         "blasts_cd7neg": 100.0 * r / p["k_t"],
+        "cd7_normal_cells": n,
     }
 
 
@@ -223,9 +224,79 @@ OBSERVABLES = (
     Observable("cd7_cells", "cells/µL", "CD7+ cells in blood (normal T/NK, blasts, CD7+ CAR cells)"),
     Observable("blasts", "%", "bone-marrow blasts (CD7+ and CD7-negative)"),
     Observable("blasts_cd7neg", "%", "CD7-negative bone-marrow blasts (escape subclone)"),
+    Observable("cd7_normal_cells", "cells/µL", "normal CD7+ T and NK cells in blood"),
 )
+QPCR = Assay("log-additive", 0.56, lloq=50.0,
+             source="residual error: Stein et al. 2019 Table 1 (tisagenlecleucel qPCR, 0.56 on the log scale), "
+                    "taken for CD7 CAR-T qPCR (assumption); LLOQ 50 copies/µg gDNA: assumption")
+ASSAYS = {"car_copies": QPCR}
+ROLES = {"exposure": "car_copies", "tumour": "blasts", "escape": "blasts_cd7neg", "normal": "cd7_cells",
+         "normal_state": "cd7_normal_cells", "weight": "WT"}
 
 STEIN = "Stein et al. 2019, CPT:PSP 8:285, Table 1"
+
+NS = (("product_type", "naturally_selected"),)
+RR = dict(age_years=(6.0, 60.0), dose_per_kg=1e6)
+RR_NOTE = ("ages 6-60 and the model's default burden (marrow blasts log-normal around 40%) are assumptions: the "
+           "stored abstracts give neither")
+CLAIMS = (
+    Claim("lu2022_all_mrd_neg_cr_bm_d28", "calibration", options=NS, **RR, note=RR_NOTE),
+    Claim("zhang2023_all_cr_bm_d28", "calibration", options=NS, **RR, note=RR_NOTE),
+    Claim("zhang2023_cr_notransplant_pfs_12m", "calibration", options=NS, **RR,
+          note=RR_NOTE + "; the model has no transplant: compared with the responders who were not transplanted"),
+    Claim("zhang2023_cr_notransplant_relapse", "calibration", options=NS, **RR, timepoint_day=365.0,
+          note=RR_NOTE + "; relapse counted by day 365 (the abstract's follow-up is not given)"),
+    Claim("tan2023_relapsed_cd7_negative", "calibration", options=(("product_type", "knockout"),), **RR,
+          timepoint_day=730.0,
+          note=RR_NOTE + "; donor-derived product of Pan 2021, engineering not in the stored abstract: taken as "
+                         "fratricide-resistant ('knockout'); relapses by day 730 (median follow-up 27 months)"),
+    Claim("pan2021_all_cr_rate", options=(("product_type", "knockout"),), **RR,
+          note=RR_NOTE + "; donor-derived product taken as fratricide-resistant ('knockout'); CR at day 28"),
+    Claim("oh2024_all_mrd_neg_cr_1mo", options=(("product_type", "pebl"),), **RR, note=RR_NOTE),
+    Claim("nct05290155_all_cmax", options=(("product_type", "knockout"),), age_years=(15.0, 52.0),
+          note="autologous CD7 CAR-T, engineering not stated: taken as fratricide-resistant; dose 5e5/kg is the "
+               "middle of the registry's dose groups (assumption)",
+          known_failure="the model's CD7 CAR-T expansion is set by assumptions carried from tisagenlecleucel "
+                        "(f_blood, rho; no CD7 kinetic row has a full citation to calibrate against) and peaks about "
+                        "2.8-fold below this trial's median of 62,390 copies/µg"),
+    Claim("nct05290155_all_tmax", options=(("product_type", "knockout"),), age_years=(15.0, 52.0), measured=False,
+          note="as nct05290155_all_cmax; the trial's sampling days are not known: true Tmax on a daily grid",
+          known_failure="the median virtual patient peaks on day 10; this trial's median was day 12 (10-21)"),
+    # grade >= 3 CRS through the toxicity link (carkin.toxicity), calibrated with it and with k_c
+    Claim("pan2021_all_crs_grade3plus", "calibration", options=(("product_type", "knockout"),), **RR,
+          note=RR_NOTE + "; donor-derived product taken as fratricide-resistant"),
+    Claim("lu2022_all_crs_grade3plus", "calibration", options=NS, **RR, note=RR_NOTE),
+    Claim("zhang2023_all_crs_grade3plus", "calibration", options=NS, **RR, note=RR_NOTE),
+    Claim("p2donor2025_all_crs_grade3plus", "calibration", options=(("product_type", "knockout"),), **RR,
+          note=RR_NOTE + "; dose assumed 1e6/kg (see the row)"),
+    Claim("nct05290155_all_crs_grade3plus", "calibration", options=(("product_type", "knockout"),),
+          age_years=(15.0, 52.0), note="as nct05290155_all_cmax"),
+    Claim("gc027_asco2020_crs_grade3plus", "calibration", options=(("product_type", "knockout"),),
+          age_years=(18.0, 60.0), note="allogeneic TRAC/CD7-knockout product at 1e7/kg (0.6-1.5e7): the only CD7 "
+                                       "arm ten-fold above the others; ages 18-60 and default burden assumed",
+          known_failure="the link, fitted to every arm, gives this arm 37%; GC027 saw grade >= 3 CRS in all 5 "
+                        "patients (95% CI 48-100%). Either severe CRS rises more steeply with dose than the early "
+                        "exposure of this model implies, or the allogeneic product differs; five patients weigh "
+                        "little against the 186 of the 1e6/kg arms"),
+    Claim("oh2024_all_crs_grade3plus", options=(("product_type", "pebl"),), **RR,
+          note=RR_NOTE + "; 'low CAR-T dosing' (level not in the stored abstract): 1e6/kg assumed"),
+    Claim("scrna2023_all_cd7pos_t_elimination", options=(("product_type", "knockout"),), **RR, tolerance=(0.0, 11.0),
+          note=RR_NOTE + "; 'CD7+ T cells no longer detected in blood by day 11' (n=7): the median patient's normal "
+                         "CD7+ count falls below 1 cell/µL (detection limit, assumption) by day 11"),
+)
+CALIBRATION = CalibrationSpec(
+    typical=(
+        ("k_kill", Prior(4.0, 0.7, "assumption value before calibration")),
+        ("f_r", Prior(1e-5, 2.0, "assumption value before calibration")),
+        ("r_t", Prior(0.05, 0.5, "assumption value before calibration")),
+        ("d_m", Prior(0.0032, 0.5, "Stein 2019 beta")),
+    ),
+    omegas=(
+        ("k_kill", Prior(0.4, 0.7, "assumption value before calibration")),
+        ("f_r", Prior(1.5, 0.7, "assumption value before calibration")),
+        ("d_m", Prior(0.5, 0.7, "assumption value before calibration")),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -258,8 +329,9 @@ class CD7CART(Model):
                   "assumption: low enough that recovering CD7+ T/NK cells cannot re-expand CAR cells, "
                   "high enough that a large CD7+ relapse can", 0.5, kind="fraction"),
         Parameter("k_c", 200.0, "cells/µL", "CAR density limit (half-effect total CAR count)",
-                  "assumption: carrying-capacity-like competition (Kimmel et al. 2021); Cmax varies <15% over "
-                  "1e6-1e8 cells/kg at typical values, as CK depends weakly on dose", 0.4),
+                  "assumption: carrying-capacity-like competition (Kimmel et al. 2021 fitted 139 cells/µL for axi-cel "
+                  "in a Gompertz form); not identified by the evidence: the peak is limited by antigen at these "
+                  "doses, and the early exposure that drives the toxicity link stays below it", 0.4),
         Parameter("k_em", 0.002, "1/day", "effector to memory conversion",
                   "assumption: ~1% of the peak remains at day 90, as Stein 2019's FB = 0.0079 implies", 0.5),
         Parameter("a_m", 0.05, "1/day", "memory reactivation to effector under saturating antigen",
@@ -269,12 +341,13 @@ class CD7CART(Model):
                   "assumption: structure as Paixão et al. 2022 (exhausted phenotype); slow relative to expansion",
                   0.5),
         Parameter("d_e", 0.16, "1/day", "effector death rate", STEIN + ": alpha (effector contraction)", 0.4),
-        Parameter("d_m", 0.0032, "1/day", "memory death rate", STEIN + ": beta (persistence)", 0.5),
+        Parameter("d_m", 0.003214, "1/day", "memory death rate",
+                  CALIBRATED + " (prior: " + STEIN + ": beta, persistence)", 0.5015),
         Parameter("d_x", 0.3, "1/day", "exhausted-cell death rate",
                   "assumption: exhausted cells short-lived (half-life ~2 days)", 0.3),
-        Parameter("k_kill", 4.0, "cells/(cell·day)", "maximal CD7+ targets killed per effector per day",
-                  "assumption: serial killing of a few targets a day, lumped with the blood:body ratio; "
-                  "clears a 40% burden to <0.01% by day 28 (Lu et al. 2022)", 0.4),
+        Parameter("k_kill", 18.44, "cells/(cell·day)", "maximal CD7+ targets killed per effector per day",
+                  CALIBRATED + " (MRD-negative CR on day 28: Lu 2022 19/20, Zhang 2023 51/54); lumped with the "
+                  "blood:body ratio (prior 4, serial killing of a few targets a day)", 0.3445),
         Parameter("km_kill", 1000.0, "cells/µL", "target half-saturation of killing",
                   "assumption: saturating (effector-limited) killing at high blast burden, as in Kimmel et al. "
                   "2021; large enough to keep per-target kill rates moderate (< ~2/day)", 0.3),
@@ -289,6 +362,10 @@ class CD7CART(Model):
     )
     observables = OBSERVABLES
     covariates = COVARIATES
+    assays = ASSAYS
+    roles = ROLES
+    claims = CLAIMS
+    calibration = CALIBRATION
     dose_state = "E"
     solver = SolverSettings(rtol=1e-6, atol=1e-6, solver="Tsit5", max_steps=4096, dt0=0.1)
 
@@ -331,7 +408,7 @@ class CD7CART(Model):
         return cd7_observables(car, self.fratricide_scale * car, y[..., 3], y[..., 4], y[..., 5], p)
 
     def cells_to_state(self, p, cov):
-        return p["f_blood"] / blood_volume_ul(cov)
+        return p["f_blood"] / blood_volume_ul(cov["WT"])
 
 
 MODEL = CD7CART
