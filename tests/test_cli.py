@@ -207,3 +207,21 @@ def test_plots_from_a_simulation(tmp_path):
     assert "copies/µg gDNA" in fig.axes[0].get_ylabel()
     with pytest.raises(KeyError, match="no_such"):
         plot_panel(ds, ["no_such"])
+
+
+def test_qualify_prints_each_claimed_row_and_writes_csv(tmp_path, capsys):
+    code, out, err = run(capsys, "qualify", "stein_2019", "--out", str(tmp_path / "q.csv"))
+    assert code in (0, 1), err  # 1 only when a row contradicts its mark (the test suite holds every row)
+    assert "stein2019_elianaensign_cmax" in out and "tolerance" in out
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "q.csv")
+    assert {"reported", "carkin", "tolerance_low", "tolerance_high", "passed", "source"} <= set(table.columns)
+
+
+@pytest.mark.parametrize("argv, fragment", [(("qualify",), "give one MODEL or --all"),
+                                            (("qualify", "nope"), "unknown model 'nope'"),
+                                            (("qualify", "stein_2019", "--n-subjects", "0"), "--n-subjects")])
+def test_qualify_errors_are_one_line(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert_user_error(code, err, fragment)

@@ -124,3 +124,55 @@ def test_kinetic_model_pools_match_exact_calculator_on_their_mean():
     assert z.max() < 3, z
     assert abs(mc.expected_n - exact.expected_n) < 3 * mc.se_expected_n
     assert abs(mc.expected_dlt - exact.expected_dlt) < 3 * mc.se_expected_dlt
+
+
+def test_comparable_arms_are_checked_against_the_whatif(tmp_path, capsys):
+    from carkin.protocol import comparable_check, simulate_protocol
+
+    protocol = read_protocol(next(p for p in PROTOCOLS if p.stem == "cd7_cart_split_escalation"))
+    assert [(c.dose_per_kg, c.schedule) for c in protocol.comparable] == [(1e6, "single"), (1e7, "single")]
+    events, n = protocol.comparable[0].pooled()
+    assert (events, n) == (17.0, 186.0)  # 2 + 1 + 7 + 6 + 1 + 0 of 20 + 20 + 60 + 55 + 14 + 17
+    ds = simulate_protocol(protocol, n_subjects=8, seed=1, calibration=True, n_draws=2)
+    checks = comparable_check(protocol, ds)
+    assert len(checks) == 2
+    for c in checks:
+        cell = ds["p_dlt"].sel(dose=c["dose_per_kg"], schedule="single")
+        assert c["p_dlt"] == pytest.approx(float(cell.mean()), rel=1e-12)
+        assert c["passed"] == (c["interval_low"] <= c["p_dlt"] <= c["interval_high"])
+
+
+def test_trial_over_calibration_draws_reports_intervals(tmp_path, capsys):
+    path = next(p for p in PROTOCOLS if p.stem == "cd7_carnk_accelerated_titration")
+    code, out, err = run(capsys, "trial", path, "--out", tmp_path, "--n-trials", 40, "--calibration-draws", 2, *TINY)
+    assert code == 0, err
+    oc = json.loads((tmp_path / "operating_characteristics.json").read_text())
+    assert oc["calibration_draws"] == 2 and oc["n_trials"] == 40
+    for k in ("p_dlt_per_dose", "p_dlt_per_dose_p05", "p_dlt_per_dose_p95", "p_select_p05", "p_select_p95"):
+        assert len(oc[k]) in (3, 4), k
+    assert all(lo <= m <= hi for lo, m, hi in zip(oc["p_dlt_per_dose_p05"], oc["p_dlt_per_dose"],
+                                                    oc["p_dlt_per_dose_p95"]))
+    assert "90pct_over_draws" in out or "p_dlt_90pct_over_draws" in (tmp_path / "trial_summary.csv").read_text()
+
+
+def test_unedited_protocol_runs_the_unedited_product():
+    protocol = read_protocol(next(p for p in PROTOCOLS if p.stem == "cd7_cart_unedited_3plus3"))
+    assert protocol.load_model().product_type == "unedited"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.stem)
+def test_seed_protocol_p_dlt_lies_in_the_comparable_published_arms(path):
+    """The acceptance check: each seed protocol's P(DLT), over 20 calibration draws of its own population,
+    inside the 95% interval of the published arms its file names as comparable (or marked, with the reason)."""
+    from carkin.protocol import comparable_check, simulate_protocol
+
+    protocol = read_protocol(path)
+    if not protocol.comparable:
+        pytest.skip(f"{protocol.id}: no comparable published arm (the file says why)")
+    ds = simulate_protocol(protocol, seed=1, calibration=True, n_draws=20)
+    for c in comparable_check(protocol, ds):
+        detail = (f"{protocol.id} {c['dose_per_kg']:g} {c['schedule']}: P(DLT) {c['p_dlt']:.3f}, published "
+                  f"{c['published_events']:.0f}/{c['published_n']:.0f} "
+                  f"({c['interval_low']:.3f}-{c['interval_high']:.3f})")
+        assert c["passed"] != bool(c["known_failure"]), detail

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import carkin as ck
 from carkin.toxicity import DLTModel, default_dlt_model
@@ -54,8 +55,12 @@ def test_endpoints_match_a_direct_simulation(grid, cd7):
     assert bool(cell["mrd_negative"]) == (blasts[28] < 0.01)
     assert float(cell["tumour_reduction"]) == pytest.approx(100 * (1 - blasts[28] / blasts[0]), rel=1e-9)
     assert float(cell["cd7_cells_at_visit"].sel(visit=14)) == pytest.approx(cd7_cells[14], rel=SAME_SOLVE_RTOL)
-    logit = -math.log(9) + math.log10(car.max() / 1e4) + 0.7 * math.log10(covs["BLAST"] / 10)
-    assert float(cell["p_dlt"]) == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-12)
+    link = DLTModel()
+    early = car[: int(link.window_end_day) + 1].max()  # daily grid: days 0 .. the CRS window's end
+    assert float(cell["dlt_exposure"]) == pytest.approx(early, rel=SAME_SOLVE_RTOL)
+    logit = (link.intercept + link.slope_peak * math.log10(early / 1e4)
+             + link.slope_burden * math.log10(covs["BLAST"] / 10))
+    assert float(cell["p_dlt"]) == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-9)
 
 
 def test_hold_rule_withholds_later_fractions(cd7):
@@ -83,11 +88,22 @@ def test_summary_rows_and_probabilities(grid):
 
 def test_toxicity_link():
     m = DLTModel()
-    assert float(m.probability(1e4, 10.0)) == pytest.approx(0.10)
+    # the logistic written out: intercept + slopes on log10 exposure and burden
+    eta = m.intercept + m.slope_peak * np.log10(3e4 / 1e4) + m.slope_burden * np.log10(50.0 / 10.0)
+    assert float(m.probability(3e4, 50.0)) == pytest.approx(1 / (1 + np.exp(-eta)), rel=1e-12)
     assert float(m.probability(1e5, 10.0)) > float(m.probability(1e4, 10.0))
-    assert float(default_dlt_model("cd7_carnk").probability(1e4, 10.0)) == pytest.approx(0.02)
+    assert float(m.probability(1e4, 50.0)) > float(m.probability(1e4, 10.0))
+    nk = default_dlt_model("cd7_carnk")
+    assert nk.offset < 0 and float(nk.probability(1e4, 10.0)) < float(m.probability(1e4, 10.0))
+    # the exposure is the highest level up to the CRS window's end, later levels do not count
+    level = xr.DataArray([[1.0, 5.0, 3.0, 9.0, 100.0]], dims=("subject", "time"),
+                         coords={"time": [0.0, 1.0, 2.0, 3.0, 4.0]})
+    assert float(DLTModel(window_end_day=3.0).exposure(level)[0]) == 9.0
+    assert float(DLTModel(window_end_day=2.5).exposure(level)[0]) == 5.0
     with pytest.raises(ValueError, match="peak_reference must be > 0"):
         DLTModel(peak_reference=0.0)
+    with pytest.raises(ValueError, match="window_end_day must be > 0"):
+        DLTModel(window_end_day=0.0)
 
 
 def test_posterior_draws_propagate(tmp_path):
@@ -111,3 +127,22 @@ def test_bad_grids_are_refused(cd7):
         Schedule("bad", (0.5, 0.6), (0, 1))
     with pytest.raises(ValueError, match="hold rule needs at least two fractions"):
         Schedule("bad", (1.0,), (0,), HoldRule(10.0))
+
+
+def test_calibration_draws_propagate_with_their_own_links(cd7):
+    from carkin.uncertainty import draws
+
+    ds = whatif(cd7, (1e6,), (SINGLE,), n_subjects=6, calibration=True, n_draws=3, seed=2)
+    assert ds["cmax"].dims == ("dose", "schedule", "draw", "subject") and ds.sizes["draw"] == 3
+    assert ds.attrs["population"] == "calibration draws"
+    chosen = draws(cd7, 3)
+    for d in range(3):
+        exposure = ds["dlt_exposure"].isel(draw=d).values
+        want = chosen[d].dlt.probability(exposure, ds["BLAST"].isel(draw=d).values[None, None, :])
+        np.testing.assert_allclose(ds["p_dlt"].isel(draw=d).values, want, rtol=1e-12)
+        # the draw's typical values reach its virtual patients (same random effects under every draw)
+        got = ds["param_k_kill"].isel(draw=d).values
+        assert np.median(got) == pytest.approx(chosen[d].values["k_kill"], rel=0.6)
+    assert np.unique(ds["param_k_kill"].median("subject").values).size == 3
+    with pytest.raises(ValueError, match="not both"):
+        whatif(cd7, (1e6,), (SINGLE,), n_subjects=2, calibration=True, posterior=object())

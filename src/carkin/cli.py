@@ -398,6 +398,10 @@ def _cmd_whatif(args) -> int:
         raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
     if args.n_draws < 1:
         raise CliError(f"--n-draws must be >= 1, got {args.n_draws}")
+    if args.calibration_draws < 0:
+        raise CliError(f"--calibration-draws must be >= 0, got {args.calibration_draws}")
+    if args.calibration_draws and args.posterior is not None:
+        raise CliError("give --posterior (a fit) or --calibration-draws, not both")
     out = Path(args.out)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -409,8 +413,10 @@ def _cmd_whatif(args) -> int:
             if not fit_path.is_file():
                 raise CliError(f"--posterior: no fit at {fit_path}")
             posterior = ck.load_fit(fit_path)
+        calibrated = args.calibration_draws > 0
         ds = simulate_protocol(protocol, n_subjects=args.n_subjects, seed=args.seed, posterior=posterior,
-                               n_draws=args.n_draws)
+                               n_draws=args.calibration_draws if calibrated else args.n_draws,
+                               calibration=calibrated)
     _print_warnings(caught)
     ds.attrs.update(protocol=protocol.id, history="carkin whatif " + " ".join(args.argv))
     table = summarize(ds)
@@ -419,13 +425,19 @@ def _cmd_whatif(args) -> int:
     cols += [(k, name) for k, name in (("nadir_median", "normal-cell nadir"), ("recovery_day_median", "recovery day"),
                                        ("mrd_negative", "P(MRD-neg d28)"), ("p_dlt", "P(DLT)"),
                                        ("dose_received_median", "dose received")) if k in table]
+    for k in ("mrd_negative", "p_dlt"):  # with draws: the interval over draws beside the value
+        if f"{k}_p5" in table:
+            table[f"{k}_interval"] = [f"{_fmt(a)}-{_fmt(b)}" for a, b in zip(table[f"{k}_p5"], table[f"{k}_p95"])]
+            cols.insert(cols.index((k, dict(cols)[k])) + 1, (f"{k}_interval", "90% over draws"))
     rows, header = _summary_rows(table, cols)
     print(f"{protocol.id}: {protocol.title}")
-    draws = f" x {ds.sizes['draw']} posterior draws" if "draw" in ds.dims else ""
+    kind = "calibration" if ds.attrs.get("population") == "calibration draws" else "posterior"
+    draws = f" x {ds.sizes['draw']} {kind} draws" if "draw" in ds.dims else ""
     print(f"{protocol.model}, {ds.sizes['subject']} virtual patients{draws} x {ds.sizes['dose']} doses x "
           f"{ds.sizes['schedule']} schedules in {time.perf_counter() - t0:.1f} s; median over patients, "
           "probabilities as population fractions")
     print(_table(rows, header))
+    _print_comparable(protocol, ds)
     out.mkdir(parents=True, exist_ok=True)
     write_netcdf(ds, out / "whatif.nc")
     table.to_csv(out / "whatif_summary.csv", index=False)
@@ -436,6 +448,24 @@ def _cmd_whatif(args) -> int:
     print(f"wrote {out / 'whatif.nc'}, {out / 'whatif_summary.csv'}, {out / 'dose_exposure.png'}, "
           f"{out / 'dose_response.png'}")
     return 0
+
+
+def _print_comparable(protocol, ds) -> None:
+    """P(DLT) of the what-if arms against the published arms the protocol file names as comparable."""
+    from carkin.protocol import comparable_check
+
+    checks = comparable_check(protocol, ds)
+    if not checks:
+        print("no published arm is comparable in toxicity to this protocol's arms (see its [evidence] table): "
+              "P(DLT) here rests on the link's extrapolation")
+        return
+    rows = [[_fmt(c["dose_per_kg"]), c["schedule"], _fmt(c["p_dlt"]),
+             f"{int(c['published_events'])}/{int(c['published_n'])}",
+             f"{_fmt(c['interval_low'])}-{_fmt(c['interval_high'])}", "yes" if c["passed"] else "NO"]
+            for c in checks]
+    print("P(DLT) against comparable published arms (grade >= 3 CRS, 95% Clopper-Pearson interval of the pooled "
+          "arms; other doses have no comparable arm):")
+    print(_table(rows, ["dose (cells/kg)", "schedule", "carkin P(DLT)", "published", "95% interval", "inside"]))
 
 
 def _design_from_args(args):
@@ -505,10 +535,13 @@ def _cmd_trial(args) -> int:
     for opt in ("n_trials", "n_subjects"):
         if getattr(args, opt) is not None and getattr(args, opt) < 1:
             raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    if args.calibration_draws < 0:
+        raise CliError(f"--calibration-draws must be >= 0, got {args.calibration_draws}")
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ck.SimulationWarning)
-        ds, oc = run_protocol_trial(protocol, n_trials=args.n_trials, n_subjects=args.n_subjects, seed=args.seed)
+        ds, oc = run_protocol_trial(protocol, n_trials=args.n_trials, n_subjects=args.n_subjects, seed=args.seed,
+                                    calibration_draws=args.calibration_draws)
     _print_warnings(caught)
     ds.attrs["history"] = "carkin trial " + " ".join(args.argv)
     out = Path(args.out)
@@ -516,10 +549,12 @@ def _cmd_trial(args) -> int:
     write_netcdf(ds, out / "trial.nc")
     (out / "operating_characteristics.json").write_text(json.dumps(oc, indent=1))
     rows = []
-    pop_dlt = ds["population_p_dlt"].mean("subject").values
     pop_cmax = ds["population_cmax"].median("subject").values
     for k, dose in enumerate(protocol.doses):
-        row = {"dose_per_kg": dose, "population_p_dlt": pop_dlt[k], "population_cmax_median": pop_cmax[k]}
+        row = {"dose_per_kg": dose, "population_p_dlt": oc["p_dlt_per_dose"][k],
+               "population_cmax_median": pop_cmax[k]}
+        if "p_dlt_per_dose_p05" in oc:
+            row["p_dlt_90pct_over_draws"] = f"{_fmt(oc['p_dlt_per_dose_p05'][k])}-{_fmt(oc['p_dlt_per_dose_p95'][k])}"
         if "p_select" in oc:
             row.update(p_select=oc["p_select"][k + 1], expected_n=oc["expected_n_per_dose"][k],
                        expected_dlt=oc["expected_dlt_per_dose"][k])
@@ -535,7 +570,9 @@ def _cmd_trial(args) -> int:
     cols = [(c, c) for c in summary.columns]
     table_rows, header = _summary_rows(summary, cols)
     if "p_select" in oc:
-        table_rows.insert(0, ["none", "", "", _fmt(oc["p_select"][0]), "", ""])
+        none = [""] * len(header)
+        none[0], none[header.index("p_select")] = "none", _fmt(oc["p_select"][0])
+        table_rows.insert(0, none)
     print(_table(table_rows, header))
     n_pat = ds.sizes["patient"]
     print(f"example trial: {n_pat} patients, {int(ds['patient_dlt'].sum())} DLT(s)"
@@ -544,6 +581,44 @@ def _cmd_trial(args) -> int:
     print(f"wrote {out / 'trial.nc'}, {out / 'trial_summary.csv'}, {out / 'trial_patients.csv'}, "
           f"{out / 'operating_characteristics.json'}, {out / 'trial.png'}")
     return 0
+
+
+def _cmd_qualify(args) -> int:
+    from carkin.library import list_models
+    from carkin.qualify import model_claims, qualify, summary_lines
+
+    if args.all == (args.model is not None):
+        raise CliError("give one MODEL or --all")
+    names = [m for m in list_models() if model_claims(m)] if args.all else [args.model]
+    if not args.all and args.model not in list_models():
+        raise CliError(f"unknown model {args.model!r}; available models: {', '.join(list_models())}")
+    if args.n_subjects is not None and args.n_subjects < 1:
+        raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
+    frames, unexpected = [], 0
+    for name in names:
+        t0 = time.perf_counter()
+        table = qualify(name, **{k: v for k, v in (("n", args.n_subjects), ("seed", args.seed)) if v is not None})
+        frames.append(table)
+        print(f"{name}: {len(table)} line(s) from {table['row_id'].nunique()} evidence row(s) in "
+              f"{time.perf_counter() - t0:.1f} s")
+        lines, bad = summary_lines(table)
+        unexpected += bad
+        print(_table(lines, ["row", "role", "quantity", "reported", "carkin", "tolerance", "pass"]))
+        for _, r in table.iterrows():
+            if r["note"] and "known failure" in r["note"]:
+                print(f"  {r['row_id']}: {r['note'][r['note'].index('known failure'):]}")
+        print()
+    if args.out:
+        import pandas as pd
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames).to_csv(out, index=False)
+        print(f"wrote {out}")
+    if unexpected:
+        print(f"{unexpected} line(s) disagree with their claim's mark (an unmarked failure or a marked row that "
+              "passes)")
+    return 1 if unexpected else 0
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -705,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posterior", metavar="FIT", help="a 'carkin fit' folder or fit.nc of the protocol's model: "
                    "parameters from posterior draws, so their uncertainty propagates")
     p.add_argument("--n-draws", type=int, default=20, help="posterior draws with --posterior (default %(default)s)")
+    p.add_argument("--calibration-draws", type=int, default=0, metavar="D",
+                   help="run over D draws of the model's calibration (population values and DLT link, see "
+                        "'carkin qualify'), so P(DLT) and P(MRD-negative) come with 90%% intervals (default 0: the "
+                        "calibrated values only)")
     p.set_defaults(func=_cmd_whatif)
 
     p = sub.add_parser(
@@ -740,7 +819,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, metavar="N", help="simulated trials (Monte Carlo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="design-only mode: print the result as JSON")
+    p.add_argument("--calibration-draws", type=int, default=0, metavar="D",
+                   help="protocol mode: run the trials over D calibration draws (each trial in one draw), so "
+                        "P(DLT) per dose and the selection probabilities come with 90%% intervals (default 0)")
     p.set_defaults(func=_cmd_trial)
+
+    p = sub.add_parser(
+        "qualify", help="hold a model against every published row it claims to describe",
+        formatter_class=fmt,
+        description="For every evidence row the model claims (data/evidence/, the model's claims): the reported value "
+                    "and its source, carkin's value from a virtual arm of the row's design, the tolerance and "
+                    "whether it passes. Rows the model is known not to meet stay in the table, marked with the "
+                    "reason. Exit status 1 when a row fails that is not marked, or a marked row passes.",
+        epilog="examples:\n  carkin qualify cd7_cart\n  carkin qualify --all --out out/qualification.csv",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a library model (see 'carkin models')")
+    p.add_argument("--all", action="store_true", help="every library model with claims")
+    p.add_argument("--n-subjects", type=int, default=None, metavar="N",
+                   help="virtual patients per design (default: as the calibration)")
+    p.add_argument("--seed", type=int, default=None, help="virtual-population seed (default: as the calibration)")
+    p.add_argument("--out", metavar="FILE.csv", help="also write the table as CSV")
+    p.set_defaults(func=_cmd_qualify)
     return parser
 
 

@@ -501,10 +501,11 @@ def whatif_table(ds: xr.Dataset) -> pd.DataFrame:
     return df
 
 
-def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str | None = None):
+def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str | None = None, published=()):
     """Population probabilities against dose, one line per schedule: P(DLT), MRD negativity on
-    day 28 and the fraction whose normal cells recover, with the 90% interval over posterior
-    draws when the Dataset has a ``draw`` dimension."""
+    day 28 and the fraction whose normal cells recover, with the 90% interval over draws
+    (posterior or calibration) when the Dataset has a ``draw`` dimension. ``published``: dicts
+    with dose_per_kg, p, low, high (published arms and their 95% interval) drawn on the P(DLT) panel."""
     import matplotlib
 
     panels = [(k, lab) for k, lab in (("p_dlt", "P(DLT)"), ("mrd_negative", "MRD-negative on day 28"),
@@ -526,6 +527,10 @@ def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str 
                 per_draw = v.mean("subject")
                 ax.fill_between(doses, per_draw.quantile(0.05, "draw").values, per_draw.quantile(0.95, "draw").values,
                                 color=colours[j % 10], alpha=0.2, lw=0)
+        if key == "p_dlt" and published:
+            for k, arm in enumerate(published):
+                ax.errorbar([arm["dose_per_kg"]], [arm["p"]], yerr=[[arm["p"] - arm["low"]], [arm["high"] - arm["p"]]],
+                            fmt="s", color="black", capsize=3, label="published arms (95% CI)" if k == 0 else None)
         ax.set_xscale("log")
         ax.set_xticks(doses, [_sci(d) for d in doses])
         ax.set_ylim(-0.02, 1.02)
@@ -536,7 +541,7 @@ def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str 
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)), fontsize="small",
                frameon=False)
-    band = " (band: 90% interval over posterior draws)" if "draw" in ds.dims else ""
+    band = " (band: 90% interval over draws)" if "draw" in ds.dims else ""
     fig.suptitle(title or f"Dose-response, population fraction{band}", fontsize="large")
     if path is not None:
         fig.savefig(path, dpi=dpi)

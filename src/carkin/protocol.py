@@ -28,6 +28,33 @@ class ProtocolError(ValueError):
     """A protocol file that cannot be used, with the file and key named."""
 
 
+@dataclass(frozen=True)
+class ComparableArms:
+    """Published arms (evidence rows on grade >= 3 CRS) comparable to one dose level and schedule."""
+
+    dose_per_kg: float
+    schedule: str
+    rows: tuple
+    note: str = ""
+    known_failure: str = ""  # why the calibrated link does not reach these arms (the check stays, marked)
+
+    def pooled(self) -> tuple[float, float]:
+        """(events, n) over the rows."""
+        from carkin import evidence
+
+        events = n = 0.0
+        for r in self.rows:
+            row = evidence.row(r)
+            n += row.n
+            events += row.events if math.isfinite(row.events) else round(row.value * row.n)
+        return events, n
+
+    def interval(self) -> tuple[float, float]:
+        from carkin.evidence import clopper_pearson
+
+        return clopper_pearson(*self.pooled())
+
+
 def typical_weight_kg(age_years):
     """Age-typical body weight: 2 x age + 8 kg up to 12 years (the paediatric life-support rule of
     thumb), rising linearly to 65 kg at 18, 70 kg for adults."""
@@ -61,6 +88,7 @@ class Protocol:
     design: dict
     dlt: DLTModel
     notes: dict = field(default_factory=dict)
+    comparable: tuple = ()  # ComparableArms: published toxicity arms comparable to a dose and schedule
 
     def load_model(self):
         from carkin.library import load_model
@@ -113,7 +141,7 @@ def read_protocol(path) -> Protocol:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"{path}: not valid TOML: {e}") from None
     sections = {k: raw.get(k, {}) for k in ("protocol", "model", "dosing", "population", "sampling", "design",
-                                             "toxicity")}
+                                             "toxicity", "evidence")}
     for name in ("protocol", "model", "dosing", "population", "design"):
         if name not in raw:
             raise ProtocolError(f"{path}: missing table [{name}]")
@@ -163,6 +191,7 @@ def read_protocol(path) -> Protocol:
         dlt = replace(dlt, **tox)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{path} [toxicity]: {e}") from None
+    comparable = _comparable(sections["evidence"], path)
     return Protocol(
         path=path, id=str(p.get("id", Path(path).stem)), title=str(p.get("title", "")),
         product=str(p.get("product", "")), target=str(p.get("target", "")), indication=str(p.get("indication", "")),
@@ -172,7 +201,55 @@ def read_protocol(path) -> Protocol:
         sampling_days=_numbers(s, "days", f"{path} [sampling]", (0.0, 7.0, 14.0, 28.0)),
         marrow_days=_numbers(s, "bone_marrow_days", f"{path} [sampling]", ()),
         endpoints=tuple(s.get("endpoints", ())), design=design, dlt=dlt, notes=dict(raw.get("notes", {})),
+        comparable=comparable,
     )
+
+
+def _comparable(table: dict, path: str) -> tuple:
+    """[[evidence.toxicity]] entries: dose, schedule, rows (evidence row ids), note."""
+    from carkin import evidence
+
+    out = []
+    for i, entry in enumerate(table.get("toxicity", [])):
+        where = f"{path} [[evidence.toxicity]] entry {i + 1}"
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{where}: must be a table with dose, schedule and rows")
+        dose = _get(entry, "dose", where, (int, float), required=True)
+        sched = _get(entry, "schedule", where, str, required=True)
+        rows = _get(entry, "rows", where, list, required=True)
+        for r in rows:
+            try:
+                evidence.row(str(r))
+            except evidence.EvidenceError as e:
+                raise ProtocolError(f"{where}: {e}") from None
+        unknown = sorted(set(entry) - {"dose", "schedule", "rows", "note", "known_failure"})
+        if unknown:
+            raise ProtocolError(f"{where}: unknown key(s) {unknown}; known: dose, schedule, rows, note, known_failure")
+        out.append(ComparableArms(float(dose), sched, tuple(str(r) for r in rows), str(entry.get("note", "")),
+                                  str(entry.get("known_failure", ""))))
+    return tuple(out)
+
+
+def comparable_check(protocol: Protocol, whatif: xr.Dataset) -> list[dict]:
+    """For every dose and schedule with comparable published arms: the what-if population's P(DLT)
+    (mean over draws where there are draws) against the pooled arms' 95% binomial interval."""
+    out = []
+    for c in protocol.comparable:
+        cell = whatif["p_dlt"].sel(dose=c.dose_per_kg)
+        names = [str(s) for s in whatif["schedule"].values]
+        match = [s for s in names if s == c.schedule or (c.schedule == "split" and s.startswith("split"))]
+        if not match:
+            raise ProtocolError(f"{protocol.path}: no what-if schedule {c.schedule!r} (schedules: {names})")
+        p = cell.sel(schedule=match[0])
+        per_draw = p.mean("subject").values
+        lo, hi = c.interval()
+        events, n = c.pooled()
+        out.append({"dose_per_kg": c.dose_per_kg, "schedule": match[0], "p_dlt": float(np.mean(per_draw)),
+                    "p_dlt_p05": float(np.percentile(per_draw, 5)), "p_dlt_p95": float(np.percentile(per_draw, 95)),
+                    "published_events": events, "published_n": n, "interval_low": lo, "interval_high": hi,
+                    "passed": bool(lo <= float(np.mean(per_draw)) <= hi), "rows": list(c.rows), "note": c.note,
+                    "known_failure": c.known_failure})
+    return out
 
 
 def _visits(ds: xr.Dataset, variable: str, days) -> xr.DataArray:
@@ -180,22 +257,24 @@ def _visits(ds: xr.Dataset, variable: str, days) -> xr.DataArray:
 
 
 def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=0, posterior=None,
-                      n_draws: int = 20) -> xr.Dataset:
+                      n_draws: int = 20, calibration: bool = False) -> xr.Dataset:
     """The what-if grid of a protocol: its doses x schedules for its population, with the values at
     the protocol's sampling visits (blood) and bone-marrow visits added. With ``posterior`` (a fit of
-    the protocol's model) parameters come from ``n_draws`` posterior draws, each with its own subjects."""
+    the protocol's model) parameters come from ``n_draws`` posterior draws, each with its own subjects;
+    with ``calibration=True`` from ``n_draws`` calibration draws (carkin.uncertainty), each with the same
+    virtual patients and its own DLT link."""
     from carkin.whatif import whatif
 
     model = protocol.load_model()
     n = n_subjects or protocol.n_subjects
-    copies = 1 if posterior is None else n_draws  # each draw's subjects share the sampled covariates
+    copies = n_draws if (posterior is not None or calibration) else 1  # draws share the sampled covariates
     covs = protocol.population(n, seed)
     covs = {k: np.tile(v, copies) for k, v in covs.items() if k in {c.name for c in model.covariates}}
     visits = tuple(protocol.sampling_days) + tuple(protocol.marrow_days)
     horizon = max(90.0, *visits)
     return whatif(model, protocol.doses, schedules or protocol.compare, n_subjects=n, covariates=covs,
                   times=f"0:{horizon:g}:1", seed=seed, dlt_model=protocol.dlt, posterior=posterior, n_draws=n_draws,
-                  visit_days=protocol.sampling_days, marrow_days=protocol.marrow_days)
+                  visit_days=protocol.sampling_days, marrow_days=protocol.marrow_days, calibration=calibration)
 
 
 def design_of(protocol: Protocol):
@@ -231,44 +310,91 @@ def _single_arm(pool: np.ndarray, n_patients: int, n_trials: int, rng) -> dict:
 
 
 def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjects: int | None = None,
-                       seed: int = 0) -> tuple[xr.Dataset, dict]:
+                       seed: int = 0, calibration_draws: int = 0) -> tuple[xr.Dataset, dict]:
     """Simulate a protocol's trial end to end.
 
     Each dose level's virtual patients are simulated with the kinetic model (the protocol's
     schedule); their DLT probabilities from the toxicity link form the pool each enrolled
     patient is drawn from. The design then runs ``n_trials`` times for its operating
     characteristics, and once more as an example trial whose patients keep their kinetics,
-    visit values and DLT outcome. Returns (Dataset of the example trial's patients and the
-    per-dose populations, operating characteristics as a JSON-ready dict).
+    visit values and DLT outcome. With ``calibration_draws`` = D > 0 the population and the
+    link come from D calibration draws (carkin.uncertainty): every simulated trial lives in one
+    draw (n_trials / D trials per draw), the operating characteristics are averaged over draws,
+    and each selection probability and each dose's population P(DLT) get their 5th-95th
+    percentiles over draws (which include the Monte Carlo error of the per-draw trials).
+    Returns (Dataset of the example trial's patients and the per-dose populations, operating
+    characteristics as a JSON-ready dict).
     """
-    from carkin.trials import run_trial, simulate_trials
+    from carkin.trials import run_trial
 
     n_trials = int(n_trials or protocol.design.get("n_trials", 1000))
     if n_trials < 1:
         raise ProtocolError(f"n_trials must be >= 1, got {n_trials}")
-    pop = simulate_protocol(protocol, schedules=(protocol.schedule,), n_subjects=n_subjects, seed=seed)
+    draws = int(calibration_draws)
+    pop = simulate_protocol(protocol, schedules=(protocol.schedule,), n_subjects=n_subjects, seed=seed,
+                            calibration=draws > 0, n_draws=max(draws, 1))
     pop = pop.isel(schedule=0, drop=True)
     p = pop["p_dlt"].where(~pop["failed"].astype(bool))
-    pools = np.where(np.isfinite(p.values), p.values, np.nanmean(p.values, axis=1, keepdims=True))
+    pools = np.where(np.isfinite(p.values), p.values, np.nanmean(p.values, axis=-1, keepdims=True))
+    if draws == 0:
+        pools = pools[:, None, :]  # (dose, draw, subject) with one draw
     rng = np.random.default_rng(seed)
     design = design_of(protocol)
+    per_draw = -(-n_trials // pools.shape[1])
+    results = [_operating(design, protocol, pools[:, d, :], per_draw, rng) for d in range(pools.shape[1])]
+    oc = _merge(results) if draws > 0 else results[0]
+    example = pools[:, 0, :]
     if design is None:
         n_patients = int(protocol.design.get("n_patients", 20))
-        oc = _single_arm(pools[0], n_patients, n_trials, rng)
-        idx = rng.integers(pools.shape[1], size=n_patients)
-        enrolled = [(0, int(i), bool(rng.random() < pools[0, i])) for i in idx]
+        idx = rng.integers(example.shape[1], size=n_patients)
+        enrolled = [(0, int(i), bool(rng.random() < example[0, i])) for i in idx]
     else:
-        oc = simulate_trials(design, pools=pools, n_trials=n_trials, seed=rng).to_dict()
-        path = run_trial(design, pools=pools, rng=rng)
+        path = run_trial(design, pools=example, rng=rng)
         enrolled = [(c.dose, s, bool(d)) for c in path.cohorts for s, d in zip(c.subjects, c.subject_dlt)]
         oc["example_trial_selected_dose"] = None if path.selected < 0 else float(protocol.doses[path.selected])
         oc["example_trial_mtd_not_reached"] = path.mtd_not_reached
+    mean_p = np.nanmean(pools, axis=-1)  # (dose, draw)
+    oc["p_dlt_per_dose"] = [float(v) for v in mean_p.mean(axis=1)]
+    if draws > 0:
+        oc["p_dlt_per_dose_p05"] = [float(v) for v in np.percentile(mean_p, 5, axis=1)]
+        oc["p_dlt_per_dose_p95"] = [float(v) for v in np.percentile(mean_p, 95, axis=1)]
+        oc["calibration_draws"] = draws
     oc.update(protocol=protocol.id, doses_per_kg=list(protocol.doses), schedule=protocol.schedule.name,
               dlt_model=protocol.dlt.describe())
-    ds = _patients(pop, enrolled)
+    ds = _patients(pop.isel(draw=0, drop=True) if "draw" in pop.dims else pop, enrolled)
     ds.attrs.update(protocol=protocol.id, title=protocol.title, design=str(oc["design"]),
                     operating_characteristics=json.dumps(oc))
     return ds, oc
+
+
+def _operating(design, protocol: Protocol, pools: np.ndarray, n_trials: int, rng) -> dict:
+    """Operating characteristics of one pool table (dose, subject)."""
+    from carkin.trials import simulate_trials
+
+    if design is None:
+        return _single_arm(pools[0], int(protocol.design.get("n_patients", 20)), n_trials, rng)
+    return simulate_trials(design, pools=pools, n_trials=n_trials, seed=rng).to_dict()
+
+
+def _merge(results: list[dict]) -> dict:
+    """Operating characteristics over calibration draws: means, and 5th-95th percentiles over draws."""
+    out = dict(results[0])
+    out["n_trials"] = sum(int(r.get("n_trials") or 0) for r in results)
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("se_") \
+                and key != "n_trials" and all(r.get(key) is not None for r in results):
+            v = np.array([r[key] for r in results], float)
+            out[key] = float(v.mean())
+            out[f"{key}_p05"], out[f"{key}_p95"] = float(np.percentile(v, 5)), float(np.percentile(v, 95))
+        elif isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value) \
+                and not key.startswith("se_"):
+            v = np.array([r[key] for r in results], float)
+            out[key] = [float(x) for x in v.mean(axis=0)]
+            out[f"{key}_p05"] = [float(x) for x in np.percentile(v, 5, axis=0)]
+            out[f"{key}_p95"] = [float(x) for x in np.percentile(v, 95, axis=0)]
+    for key in [k for k in out if k.startswith("se_")]:
+        del out[key]  # per-draw Monte Carlo errors do not combine into one meaningful number here
+    return out
 
 
 def _patients(pop: xr.Dataset, enrolled) -> xr.Dataset:

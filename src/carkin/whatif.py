@@ -141,7 +141,7 @@ def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed
 
 def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 200, posterior=None,
            n_draws: int = 20, covariates: dict | None = None, times="0:90:1", seed: int = 0,
-           dlt_model: DLTModel | None = None, visit_days=(), marrow_days=()) -> xr.Dataset:
+           dlt_model: DLTModel | None = None, visit_days=(), marrow_days=(), calibration: bool = False) -> xr.Dataset:
     """Simulate every dose level under every schedule for one virtual population.
 
     ``doses``: total doses in cells/kg. ``schedules``: Schedule objects (default single vs
@@ -170,18 +170,31 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
         grid = np.union1d(grid, [RESPONSE_DAY])
     params = None
     n = int(n_subjects)
+    links = None
+    if posterior is not None and calibration:
+        raise ValueError("whatif: give posterior= (a fit) or calibration=True, not both")
     if posterior is not None:
         params = posterior_population(posterior, model, n_draws, n, seed)
         n_draws = params[model.parameter_names[0]].size // n
         n = n_draws * n
+    elif calibration:
+        from carkin.uncertainty import draws, population_over_draws
+
+        chosen = draws(model, n_draws)
+        params = population_over_draws(model, chosen, n, seed)
+        links = [d.dlt for d in chosen]
+        n = len(chosen) * n
     sims = [_simulate_schedule(model, s, doses, grid, n, covariates, params, seed) for s in schedules]
     template = sims[0][3]
     ds = _endpoints(model, schedules, doses, grid, sims, template, dlt_model)
     ds = ds.merge(_visit_values(model, grid, sims, visit_days, marrow_days))
-    if posterior is not None:
+    if posterior is not None or links is not None:
         ds = _unflatten(ds, n_draws)
+    if links is not None:
+        ds["p_dlt"] = _dlt_by_draw(ds, links)
     ds.attrs.update(model=model.name, dlt_model=dlt_model.describe(), seed=seed,
-                    population=("posterior draws" if posterior is not None else "model population"),
+                    population=("posterior draws" if posterior is not None else
+                                "calibration draws" if links is not None else "model population"),
                     schedules=json.dumps({s.name: {"fractions": s.fractions, "days": s.days,
                                                    "hold": None if s.hold is None else vars(s.hold)}
                                           for s in schedules}),
@@ -231,9 +244,12 @@ def _endpoints(model, schedules, doses, grid, sims, template, dlt_model) -> xr.D
                                                                 f"(blasts < {MRD_THRESHOLD}%)"})
         if dlt_model.burden_covariate in template:
             burden = template[dlt_model.burden_covariate].values
-    peak_name = dlt_model.peak_observable
-    peak = res["cmax"].values if peak_name == "car_copies" else np.max(stack(peak_name), axis=-1)
-    data["p_dlt"] = (dims, dlt_model.probability(peak, None if burden is None else burden[None, None, :]),
+    level = xr.DataArray(stack(dlt_model.peak_observable), dims=(*dims, "time"), coords={"time": grid})
+    exposure = dlt_model.exposure(level).values
+    data["dlt_exposure"] = (dims, exposure, {"units": obs_units[dlt_model.peak_observable],
+                                             "long_name": f"highest {dlt_model.peak_observable} on days "
+                                                          f"0-{dlt_model.window_end_day:g} (the DLT link's exposure)"})
+    data["p_dlt"] = (dims, dlt_model.probability(exposure, None if burden is None else burden[None, None, :]),
                      {"units": "1", "long_name": f"probability of DLT ({dlt_model.name})"})
     given = np.stack([s[1] for s in sims], axis=1)
     fractions = np.array([[np.sum(s.fractions[:k]) for k in range(len(s.fractions) + 1)] for s in schedules],
@@ -271,6 +287,16 @@ def _visit_values(model, grid, sims, visit_days, marrow_days) -> xr.Dataset:
         out[dim] = (dim, np.asarray(days, float), {"units": "day", "long_name": f"{dim.replace('_', ' ')} day"})
     return xr.Dataset({k: v for k, v in out.items() if k not in ("visit", "marrow_visit")},
                       coords={k: v for k, v in out.items() if k in ("visit", "marrow_visit")})
+
+
+def _dlt_by_draw(ds: xr.Dataset, links) -> xr.DataArray:
+    """P(DLT) recomputed with each draw's own link (dims dose, schedule, draw, subject)."""
+    p = ds["p_dlt"].copy()
+    burden_name = links[0].burden_covariate
+    for d, link in enumerate(links):
+        burden = ds[burden_name].isel(draw=d).values[None, None, :] if burden_name in ds else None
+        p.values[:, :, d, :] = link.probability(ds["dlt_exposure"].isel(draw=d).values, burden)
+    return p
 
 
 def _unflatten(ds: xr.Dataset, n_draws: int) -> xr.Dataset:
