@@ -33,10 +33,25 @@ Structure
     W  = exp(-k_ld t)                               post-lymphodepletion cytokine window
     K  = k_kill E / (km_kill + B + N)
     G  = r_t (1 - (B + R) / k_t)
-    dE/dt = (rho W S - d_e) E                       no memory pool, no fratricide
+    dE/dt = (rho W S - d_e - k_p) E                 active CAR-NK cells: no fratricide
+    dP/dt = k_p E - d_p P                           persistent, quiescent CAR-NK cells
     dB/dt = (G - K) B;  dR/dt = G R;  dN/dt = (s_n CD7N0 + r_n N)(1 - N/CD7N0) - K N
-    Doses jump E by cells * f_blood / (70 mL/kg * WT * 1000). Observables as cd7_cart
-    (car_copies, car_cells, cd7_cells = N + f_pb B, blasts, blasts_cd7neg).
+    Doses jump E by cells * f_blood / blood volume (carkin.physiology). Observables as
+    cd7_cart with the CAR level from E + P (car_copies, car_cells, cd7_cells = N + f_pb B,
+    blasts, blasts_cd7neg, cd7_normal_cells); car_copies measured as cd7_cart's.
+
+Evidence and calibration (``carkin qualify cd7_carnk``)
+    No CD7 CAR-NK result was found (data/evidence/README.md): CD19 CAR-NK arms stand in.
+    * Persistence: Liu 2020 ("persisted at low levels for at least 12 months", 11 patients,
+      1e5-1e7/kg) is a lower bound: the persistent pool (k_p, d_p) is set so the median
+      patient at 1e7/kg stays above the qPCR LLOQ to day 365, which it does; a bound cannot
+      identify the rates, so they stay assumptions.
+    * CRS: no CRS of any grade in Liu 2020 (0/11) and no grade >= 3 CRS with FT596 (0/86) enter
+      the toxicity link's calibration, which gives CAR-NK cells their own log-odds offset
+      (-3.7; carkin.toxicity.OFFSETS): P(grade >= 3 CRS) of about 1-4% at 1-5e7/kg.
+    * Tumour and normal-cell parameters are cd7_cart's (shared code), including its calibrated
+      f_r and r_t; killing and expansion values are assumptions, so this model's response and
+      relapse figures are not evidence-based (no CD7 CAR-NK efficacy data exist).
 
 How the values were chosen (all assumptions)
     * Expansion limited to a few-fold above the infused level, peaking within the first
@@ -46,9 +61,9 @@ How the values were chosen (all assumptions)
       day ~5 at ~3-fold the post-infusion level after a single infusion (~1.7-fold for
       a 10/30/60% split, whose later fractions meet a closing window).
     * Half-life of a few days after the peak (d_e 0.2/day, t1/2 3.5 days): NK cells
-      without cytokine support persist days to weeks; CAR cells fall below 1% of peak
-      by day ~35. The low-level persistence to 12 months seen by Liu 2020 (IL-15-armed
-      cord-blood product) is not represented (single pool) — a deviation.
+      without cytokine support persist days to weeks (non-CAR NK: median 10 days, Rubnitz
+      2010, kinetics.csv). A small persistent pool (k_p, d_p above) carries the low level seen
+      to 12 months with an IL-15-armed product (Liu 2020); an unarmed product may lack it.
     * f_blood 0.02: NK products are infused without the large in-vivo expansion of
       CAR-T, so the blood level is set by the infused dose; chosen so that 1e7 cells/kg
       gives ~3 CAR-NK/µL (~430 copies/µg at VCN 2).

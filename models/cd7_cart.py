@@ -2,10 +2,28 @@
 blasts, normal CD7+ T/NK cells, fratricide by product type.
 
 What this is
-    A carkin model assembled from published model structures and published parameter
-    values where they exist; it is NOT a fitted published model, and no single paper
-    contains it. Values without a source are labelled "assumption" with the rationale,
-    and were tuned (within plausible ranges) to reproduce the clinical anchors below.
+    A carkin model assembled from published model structures, calibrated against published
+    CD7 CAR-T arms where the evidence reaches (data/evidence/, calibration/calibrate.py); it
+    is NOT a fitted published model, and no single paper contains it. Every value says where
+    it comes from: "calibrated" (the mode in data/calibration/cd7_cart.json, whose draws carry
+    the uncertainty into what-ifs and trials), a publication, or "assumption" with its reason.
+
+Calibration and evidence (``carkin qualify cd7_cart`` holds the model against every claimed row)
+    Calibrated: k_kill and its between-subject SD (MRD-negative CR on day 28: Lu 2022 19/20,
+    Zhang 2023 51/54), f_r and its SD, r_t (relapse of responders who were not transplanted:
+    Zhang 2023, 12-month PFS 15%, 8/10 relapsed; CD7-negative share of relapses: Tan 2023 4/6),
+    d_m and its SD (persistence through relapse). Priors (the former assumption values) and
+    posterior draws are in the calibration file; the Metropolis chain's effective sample sizes
+    are small (about 50 of 3000 steps), so the intervals are rough.
+    Held out (validation): CR by day 28 (Pan 2021 18/20), MRD-negative CR with PEBL (Oh 2024
+    16/17), CD7+ T cells gone from blood by day 11 (n=7), all within tolerance; the only CD7
+    peak level (NCT05290155: median 62,390 copies/µg, citation incomplete) is 2.8-fold above
+    the model's, and its median Tmax (day 12) two days later: both marked as known failures.
+    Toxicity: the grade >= 3 CRS arms enter the toxicity link's calibration (carkin.toxicity);
+    the one CD7 arm at 1e7/kg (GC027, 5/5, allogeneic) is not reached (link: 37%).
+    Not identified by any evidence row (assumptions): the expansion parameters (rho, k_a, k_ld,
+    g_inf, k_c, f_blood: carried from tisagenlecleucel), exhaustion, fratricide (k_fr and the
+    product types' phi), the normal-cell dynamics (r_n, s_n) and the measurement constants.
 
 References (structures and anchors)
     Stein AM et al. CPT Pharmacometrics Syst Pharmacol 2019;8:285 (tisagenlecleucel
@@ -59,8 +77,9 @@ Structure (C = E + M + X total CAR cells; phi = fratricide scale of the product 
     dR/dt = G R                                         CD7-negative escape: not killed
     dN/dt = (s_n CD7N0 + r_n N)(1 - N / CD7N0) - K N
     Initial state: E = M = X = 0; B = (1 - f_r) T0, R = f_r T0 with
-    T0 = BLAST/100 * k_t; N = CD7N0. Doses jump E by cells * f_blood / (70 mL/kg *
-    WT * 1000 µL/mL). Every loss term is proportional to its own state, so states stay
+    T0 = BLAST/100 * k_t; N = CD7N0. Doses jump E by cells * f_blood / blood volume,
+    blood volume = (mL/kg by body weight, carkin.physiology: 80 mL/kg at 13 kg to 67.5 at 70 kg)
+    * WT * 1000 µL/mL. Every loss term is proportional to its own state, so states stay
     non-negative; with zero dose E = M = X = 0 for ever, N stays at CD7N0 and the
     tumour grows logistically toward 100% blasts.
 
@@ -72,6 +91,9 @@ Observables
                     circulating CD7+ blasts, CD7-accessible CAR cells)
     blasts        = 100 (B + R) / k_t                bone-marrow blast %
     blasts_cd7neg = 100 R / k_t                      CD7-negative marrow blast %
+    cd7_normal_cells = N                             normal CD7+ T/NK cells/µL
+    car_copies is measured (``carkin.measure``) with log-scale residual error 0.56 (Stein 2019,
+    taken for CD7 CAR-T qPCR) and an LLOQ of 50 copies/µg (assumption).
 
 Product types (setting ``product_type``; fratricide scale phi, all assumptions)
     naturally_selected (default) 0.02 — NS7CAR: CD7 masked/sequestered by the CAR
@@ -86,20 +108,24 @@ Product types (setting ``product_type``; fratricide scale phi, all assumptions)
     phi scales the fratricide loss k_fr phi C E, the CAR cells' own contribution to
     antigen, and the CD7+ CAR cells counted in cd7_cells.
 
-Behaviour at typical values (default product; split 10/30/60% d0/1/2 and single)
-    1e6-1e8 cells/kg: Tmax of car_copies 8-13 days, Cmax ~4.6-5.3e4 copies/µg
-    (dose-insensitive: antigen depletion, the density limit and the window end
-    expansion), mean net expansion rate from infusion to peak 0.7-0.9/day (fold
-    ~2800 by day 9 at 1e7 cells/kg single; Stein 2019: fold 3900 by day 9.3, i.e.
-    0.89/day); CD7+ cells fall >99% to a nadir on days 15-21 and
-    recover to ~50% by day 90 and ~baseline by day 180; marrow blasts <0.01% by
-    day 28 (MRD-negative, Lu 2022); CAR level ~1% of Cmax at day 90 (Stein 2019
-    predicts ~0.6%). CD7-negative escape (f_r) gives late relapses.
+Behaviour at the calibrated values (naturally selected product; seed escalation protocol's population)
+    1e6-1e8 cells/kg: median Cmax about 19,000-23,000 copies/µg, nearly flat with dose:
+    antigen (blasts and normal CD7+ cells, cleared by the expanding cells) ends expansion,
+    whatever the dose. The level in the first days scales with dose (median day 0-3 peak about
+    300 copies/µg at 1e6 single, 14,000 at 1e8), and a 10/30/60% split over days 0-2 lowers it
+    about five-fold at equal total dose; that early level, with marrow burden, drives the
+    calibrated P(grade >= 3 CRS): 12% at 1e6 single, 33% at 1e7, 59% at 1e8 (split 4%, 16%,
+    41%). MRD-negative on day 28: 79-90%; normal CD7+ cells vanish from blood within about ten
+    days; without transplant most responders relapse within a year, mostly CD7-negative.
 
 Assumptions and deviations from the source papers
-    * Not fitted to patient data; the published models above are CD19 or generic, and
-      their fitted values are not transferable to CD7. Stein's alpha and beta are used
-      as the death rates of effector and memory cells.
+    * Only the parameters listed under Calibration are fitted, and to published summary data
+      (aggregate-data likelihood of virtual trials), not to individual patient data; the
+      published models above are CD19 or generic. Stein's alpha and beta are the death rates
+      of effector and memory cells.
+    * Transplant consolidation is not modelled: rows pooling transplanted and non-transplanted
+      patients (Tan 2023 PFS, Zhang 2023 PFS) are not claimed; the non-transplanted responders
+      are.
     * Lymphodepletion is not modelled as a state: its effect is the proliferative
       window W(t), timed from day 0 (a re-infusion much later than day 0 expands
       weakly unless antigen is high, in line with Kimmel et al. 2021's conclusion that
