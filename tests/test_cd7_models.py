@@ -178,15 +178,19 @@ def test_cart_tmax_cmax_and_cd7_course(cart_typical):
     for i, reg in enumerate(regs[1:], start=1):
         copies = ds["car_copies"].values[i, 0]
         t_peak = tmax(copies)
-        assert 7 <= t_peak <= 14, (reg.label, t_peak)
+        assert 5 <= t_peak <= 14, (reg.label, t_peak)  # GC027 at 1e7/kg peaked on days 5-10 (gc027_li2023_tmax)
         assert 1e4 <= copies.max() <= 1e5, (reg.label, copies.max())
         cd7 = ds["cd7_cells"].values[i, 0]
         i_nadir = int(np.argmin(cd7))
-        assert 14 <= DAYS[i_nadir] <= 28, (reg.label, DAYS[i_nadir])
+        # CD7+ T cells gone from blood by about day 11 (scrna2023_all_cd7pos_t_elimination): nadir in weeks 1-4
+        assert 7 <= DAYS[i_nadir] <= 28, (reg.label, DAYS[i_nadir])
         assert cd7[i_nadir] < 0.05 * cd7[0], reg.label  # deep depletion
         assert cd7[-1] > 10 * cd7[i_nadir], reg.label  # then recovery
     cmax = ds["car_copies"].values[1:, 0].max(axis=1)
-    assert cmax.max() / cmax.min() < 2.0  # weak dependence on a 100-fold dose range
+    assert cmax.max() / cmax.min() < 2.0  # the peak is antigen-limited: nearly flat over 100-fold doses ...
+    early = ds["car_copies"].values[1:, 0, :4].max(axis=1)  # ... while days 0-3 scale with dose
+    single = [i for i, r in enumerate(regs[1:]) if "single" in r.label]
+    assert early[single[-1]] / early[single[0]] > 10.0
 
 
 def test_cart_product_types(cart):
