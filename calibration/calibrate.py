@@ -1,7 +1,7 @@
 """Calibrate the mechanistic models and the toxicity link against data/evidence, writing data/calibration/.
 
     python calibration/calibrate.py            # all stages, writes data/calibration/*.json (about 20 min, 2 cores)
-    python calibration/calibrate.py --check    # rerun and compare with the shipped files, write nothing
+    python calibration/calibrate.py --check    # rerun to the modes (about 8 min) and compare with the shipped files
 
 Stage 1, per model with a calibration spec (the model file's ``calibration``): typical values
 and between-subject SDs against the model's calibration claims (carkin.calibration.calibrate).
@@ -44,14 +44,16 @@ def fitted_values(result: dict) -> tuple[dict, dict]:
     return values, omegas
 
 
-def run(out: Path | None, stages=("kinetic", "link"), shipped: Path = OUT, models=KINETIC_MODELS) -> dict:
+def run(out: Path | None, stages=("kinetic", "link"), shipped: Path = OUT, models=KINETIC_MODELS,
+        draws: bool = True) -> dict:
     """Run the stages; each result is written to ``out`` as soon as it is done (None: write nothing).
-    The link stage reads the kinetic results from this run, or from ``out``/``shipped`` when skipped."""
+    The link stage reads the kinetic results from this run, or from ``out``/``shipped`` when skipped.
+    ``draws=False`` stops each stage at its mode (the reproducibility check)."""
     results = {}
     say = lambda text: print(text, flush=True)  # noqa: E731
     for name in models:
         if "kinetic" in stages:
-            results[name] = calibration.calibrate(name, load_model(name).calibration, progress=say)
+            results[name] = calibration.calibrate(name, load_model(name).calibration, progress=say, draws=draws)
             if out is not None:
                 calibration.save(results[name], out / f"{name}.json")
     if "link" in stages:
@@ -63,7 +65,7 @@ def run(out: Path | None, stages=("kinetic", "link"), shipped: Path = OUT, model
                 res = json.loads((folder / f"{name}.json").read_text())
             fitted[name] = fitted_values(res)
         results["toxicity"] = calibration.calibrate_link(LINK, calibration.toxicity_claims(LINK_MODELS), fitted,
-                                                         progress=say)
+                                                         progress=say, draws=draws)
         if out is not None:
             calibration.save(results["toxicity"], out / "toxicity.json")
     return results
@@ -83,7 +85,8 @@ def compare(new: dict, old: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="rerun and compare with data/calibration/, write nothing")
+    ap.add_argument("--check", action="store_true",
+                    help="rerun to the modes (no Metropolis draws) and compare with --out, write nothing")
     ap.add_argument("--out", default=str(OUT), help="folder for the JSON results (default %(default)s)")
     ap.add_argument("--models", default=",".join(KINETIC_MODELS),
                     help="models of the kinetic stage (default %(default)s); the others' results are read from --out")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
         ap.error(f"--stages takes kinetic and/or link, got {args.stages!r}")
     t0 = time.perf_counter()
     if args.check:
-        results = run(None, stages, models=models)
+        results = run(None, stages, models=models, draws=False)
         old = {k: json.loads((out / f"{k}.json").read_text()) for k in results}
         bad = compare(results, old)
         print(f"calibration rerun in {time.perf_counter() - t0:.0f} s: "

@@ -176,3 +176,27 @@ def test_seed_protocol_p_dlt_lies_in_the_comparable_published_arms(path):
                   f"{c['published_events']:.0f}/{c['published_n']:.0f} "
                   f"({c['interval_low']:.3f}-{c['interval_high']:.3f})")
         assert c["passed"] != bool(c["known_failure"]), detail
+
+
+def test_whatif_over_calibration_draws_prints_intervals_and_the_comparable_arms(tmp_path, capsys):
+    path = next(p for p in PROTOCOLS if p.stem == "cd19_cart_ball")
+    code, out, err = run(capsys, "whatif", path, "--out", tmp_path, "--calibration-draws", 2, *TINY)
+    assert code == 0, err
+    assert "calibration draws" in out and "90% over draws" in out
+    assert "against comparable published arms" in out and "18/68" in out
+    table = (tmp_path / "whatif_summary.csv").read_text()
+    assert "p_dlt_p5" in table and "mrd_negative_p95" in table
+    code, out, err = run(capsys, "whatif", path, "--out", tmp_path, "--calibration-draws", -1)
+    assert code == 2 and "--calibration-draws must be >= 0" in err
+
+
+def test_comparable_entries_are_checked_when_read(tmp_path):
+    src = next(p for p in PROTOCOLS if p.stem == "cd19_cart_ball").read_text()
+    bad = src.replace('rows = ["park2018_adult_crs_severe"]', 'rows = ["no_such_row"]')
+    (tmp_path / "p.toml").write_text(bad)
+    with pytest.raises(ProtocolError, match="no evidence row 'no_such_row'"):
+        read_protocol(tmp_path / "p.toml")
+    typo = src.replace('note = "adult r/r B-ALL at 1e6 or 3e6/kg (19-28z)"', 'nite = "x"')
+    (tmp_path / "q.toml").write_text(typo)
+    with pytest.raises(ProtocolError, match="unknown key"):
+        read_protocol(tmp_path / "q.toml")

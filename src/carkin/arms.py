@@ -1,10 +1,13 @@
 """Virtual trial arms: a published arm's design simulated with a model, and the statistic it reports.
 
 A :class:`Claim` names an evidence row that a model says it describes, with the design details
-the row leaves open (each one an assumption, stated in ``note``). :class:`VirtualArm` turns the
-claim into a fixed virtual population (covariates and standard-normal random effects drawn once
-from a seed), so the same arm can be re-simulated at other population values with common random
-numbers: qualification runs it once at the model's values, calibration many times.
+the row leaves open (each one an assumption, stated in ``note``). The claim and its row give a
+:class:`Design` (product, dose, schedule, population, follow-up); :class:`VirtualArm` turns a
+design into a fixed virtual population (covariates and standard-normal random effects drawn
+once from a seed derived from the design), so the same trial can be re-simulated at other
+population values with common random numbers: qualification runs it at the model's values,
+calibration many times. Rows of one design (a label's responders and non-responders) are
+statistics of the same virtual patients.
 
 Definitions used for every model (the trials' own, where they state one):
 - response (CR/CRi): marrow blasts below CR_BLAST_PCT at an assessment on ASSESSMENT_DAYS up to the

@@ -215,8 +215,10 @@ def metropolis(logp, x0, scale0, warmup: int, steps: int, rng) -> tuple[np.ndarr
     return np.array(chain), np.array(lps), accepted / max(steps, 1)
 
 
-def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=None, progress=print) -> dict:
-    """Posterior mode and Metropolis draws of a model's calibration, as a JSON-ready dict."""
+def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=None, progress=print,
+              draws: bool = True) -> dict:
+    """Posterior mode (Nelder-Mead) and Metropolis draws of a model's calibration, as a JSON-ready dict;
+    ``draws=False`` stops at the mode (what a reproducibility check compares)."""
     model = load_model(model_name)
     claims = tuple(c for c in (claims if claims is not None else model.claims)
                    if c.role == "calibration" and not is_toxicity(c))
@@ -239,19 +241,21 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
         progress(f"{model_name}: Nelder-Mead (simplex {step}) log posterior {-res.fun:.2f} after {nfev} "
                  f"evaluations ({time.perf_counter() - t0:.0f} s)")
     mode = res.x
-    rng = np.random.default_rng(spec.seed)
-    scale0 = 0.05 * np.array([pr.sd for _, pr in spec.typical] + [pr.sd for _, pr in spec.omegas])
-    chain, lps, acceptance = metropolis(prob.log_posterior, mode, scale0, spec.warmup, spec.steps, rng)
-    pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
-    draws = chain[pick]
-    ess = _ess(chain)
-    progress(f"{model_name}: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of {len(chain)} "
-             f"steps; {time.perf_counter() - t0:.0f} s in all")
-    if lps.max() > -res.fun + 1e-6:  # the chain found a better point than the optimiser
-        mode = chain[int(np.argmax(lps))]
+    names = spec.names
+    sampled = {}
+    if draws:
+        rng = np.random.default_rng(spec.seed)
+        scale0 = 0.05 * np.array([pr.sd for _, pr in spec.typical] + [pr.sd for _, pr in spec.omegas])
+        chain, _, acceptance = metropolis(prob.log_posterior, mode, scale0, spec.warmup, spec.steps, rng)
+        pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
+        ess = _ess(chain)
+        progress(f"{model_name}: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of "
+                 f"{len(chain)} steps; {time.perf_counter() - t0:.0f} s in all")
+        sampled = {"sd_unconstrained": chain.std(axis=0).tolist(), "draws_unconstrained": chain[pick].tolist(),
+                   "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
+                                  "ess": dict(zip(names, [float(e) for e in ess]))}}
     terms = prob.terms(mode)
     values, omegas = prob.unpack(mode)
-    names = spec.names
     return {
         "model": model_name,
         "method": "aggregate-data likelihood; Nelder-Mead mode and adaptive Metropolis draws of the smoothed "
@@ -262,14 +266,11 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
         "parameters": names,
         "mode": {**values, **{f"omega_{k}": v for k, v in omegas.items()}},
         "mode_unconstrained": mode.tolist(),
-        "sd_unconstrained": chain.std(axis=0).tolist(),
         "scale": ["logit" if prob.kinds[p] == "fraction" else "log" for p, _ in spec.typical] + ["log"] * len(
             spec.omegas),
         "priors": {**{p: {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.typical},
                    **{f"omega_{p}": {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.omegas}},
-        "draws_unconstrained": draws.tolist(),
-        "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
-                       "ess": dict(zip(names, [float(e) for e in ess]))},
+        **sampled,
         "log_posterior_at_mode": float(prob.log_posterior(mode)),
         "optimizer": {"evaluations": int(nfev), "converged": bool(res.success), "message": str(res.message)},
         "claims": {row: {"log_likelihood": float(t), "simulated": float(o.value), "simulated_cv_percent":
@@ -476,8 +477,9 @@ def _binomial(row: evidence.Row, p: float) -> float:
     return float(k * math.log(p / ph) + (n - k) * math.log((1 - p) / (1 - ph)))
 
 
-def calibrate_link(spec: LinkSpec, claims, fitted: dict, progress=print) -> dict:
-    """Posterior mode and Metropolis draws of the toxicity link (and its kinetic parameters)."""
+def calibrate_link(spec: LinkSpec, claims, fitted: dict, progress=print, draws: bool = True) -> dict:
+    """Posterior mode and Metropolis draws of the toxicity link (and any kinetic parameters with it);
+    ``draws=False`` stops at the mode."""
     t0 = time.perf_counter()
     prob = LinkProblem(spec, tuple(claims), fitted)
     neg = lambda x: -prob.log_posterior(x)  # noqa: E731
@@ -492,16 +494,21 @@ def calibrate_link(spec: LinkSpec, claims, fitted: dict, progress=print) -> dict
         nfev += res.nfev
         start = res.x
     progress(f"toxicity link: log posterior {-res.fun:.2f} after {nfev} evaluations ({time.perf_counter() - t0:.0f} s)")
-    rng = np.random.default_rng(spec.seed)
-    scale0 = 0.05 * np.array([pr.sd for pr in spec.priors])
-    chain, lps, acceptance = metropolis(prob.log_posterior, res.x, scale0, spec.warmup, spec.steps, rng)
-    mode = chain[int(np.argmax(lps))] if lps.max() > -res.fun else res.x
-    pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
-    ess = _ess(chain)
-    progress(f"toxicity link: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of {len(chain)}; "
-             f"{time.perf_counter() - t0:.0f} s in all")
-    probs = prob.arm_probabilities(mode)
+    mode = res.x
     names = spec.names
+    sampled = {}
+    if draws:
+        rng = np.random.default_rng(spec.seed)
+        scale0 = 0.05 * np.array([pr.sd for pr in spec.priors])
+        chain, _, acceptance = metropolis(prob.log_posterior, res.x, scale0, spec.warmup, spec.steps, rng)
+        pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
+        ess = _ess(chain)
+        progress(f"toxicity link: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of "
+                 f"{len(chain)}; {time.perf_counter() - t0:.0f} s in all")
+        sampled = {"sd_unconstrained": chain.std(axis=0).tolist(), "draws_unconstrained": chain[pick].tolist(),
+                   "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
+                                  "ess": dict(zip(names, [float(e) for e in ess]))}}
+    probs = prob.arm_probabilities(mode)
     return {
         "link": prob.template.describe(),
         "window_end_day": prob.template.window_end_day,
@@ -509,11 +516,8 @@ def calibrate_link(spec: LinkSpec, claims, fitted: dict, progress=print) -> dict
         "scale": ["identity"] * k + ["log"] * len(spec.kinetic),
         "mode": dict(zip(names, [float(v) if i < k else math.exp(float(v)) for i, v in enumerate(mode)])),
         "mode_unconstrained": mode.tolist(),
-        "sd_unconstrained": chain.std(axis=0).tolist(),
         "priors": dict(zip(names, [vars(pr) for pr in spec.priors])),
-        "draws_unconstrained": chain[pick].tolist(),
-        "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
-                       "ess": dict(zip(names, [float(e) for e in ess]))},
+        **sampled,
         "arms": {f"{m}:{row}": {"simulated": p, "reported": prob.rows[row].value, "n": prob.rows[row].n,
                                 "events": prob.rows[row].events}
                  for (m, row), p in probs.items()},

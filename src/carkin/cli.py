@@ -603,7 +603,7 @@ def _cmd_qualify(args) -> int:
               f"{time.perf_counter() - t0:.1f} s")
         lines, bad = summary_lines(table)
         unexpected += bad
-        print(_table(lines, ["row", "role", "quantity", "reported", "carkin", "tolerance", "pass"]))
+        print(_table(lines, ["row", "role", "quantity", "reported (source)", "carkin", "tolerance", "pass"]))
         for _, r in table.iterrows():
             if r["note"] and "known failure" in r["note"]:
                 print(f"  {r['row_id']}: {r['note'][r['note'].index('known failure'):]}")
@@ -846,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Options whose value may be a negative number, which argparse would take for an option flag.
 _NUMERIC_OPTIONS = ("--dose", "--fractions", "--days", "--times", "--weight", "--lloq", "--partial-end", "--seed",
                     "--n-subjects", "--chains", "--warmup", "--samples", "--svi-steps", "--n-replicates", "--n-trials",
-                    "--p-dlt", "--target", "--skeleton", "--accelerated-doses", "--cohort-size", "--n-cohorts")
+                    "--p-dlt", "--target", "--skeleton", "--accelerated-doses", "--cohort-size", "--n-cohorts",
+                    "--calibration-draws", "--min-span-ratio", "--contraction-end")
 
 
 def _glue_negative_values(argv: list[str]) -> list[str]:

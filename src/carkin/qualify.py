@@ -88,6 +88,14 @@ def format_value(x: float) -> str:
     return f"{x:,.0f}" if a >= 1000 else f"{x:.3g}"
 
 
+def short_source(citation: str) -> str:
+    """'Liu E, 2020, N Engl J Med, ...' -> 'Liu E 2020'; a label keeps its first words."""
+    parts = [p.strip() for p in str(citation).split(",")]
+    if len(parts) > 1 and parts[1][:4].isdigit():
+        return f"{parts[0]} {parts[1][:4]}"
+    return " ".join(parts[0].split()[:4])
+
+
 def summary_lines(table: pd.DataFrame) -> tuple[list[list[str]], int]:
     """Printable lines (row, role, quantity, reported, carkin, tolerance, pass) and the number of lines
     whose outcome contradicts the claim's mark (an unmarked failure, or a known failure that passes)."""
@@ -98,6 +106,7 @@ def summary_lines(table: pd.DataFrame) -> tuple[list[list[str]], int]:
         if r["passed"] == known:
             bad += 1
             flag += " !" if r["passed"] else ""
-        lines.append([r["row_id"], r["role"], r["quantity"], format_value(r["reported"]), format_value(r["carkin"]),
+        reported = f"{format_value(r['reported'])} ({short_source(r['source'])})"
+        lines.append([r["row_id"], r["role"], r["quantity"], reported, format_value(r["carkin"]),
                       f"{format_value(r['tolerance_low'])} to {format_value(r['tolerance_high'])}", flag])
     return lines, bad
