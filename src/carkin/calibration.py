@@ -192,6 +192,34 @@ def log_likelihood(row: evidence.Row, claim: Claim, o) -> float:
     return float(stats.norm.logpdf(row.value, x, half / evidence.Z))
 
 
+def _mode(logp, start, max_evaluations: int, progress, label: str, t0: float) -> tuple:
+    """Nelder-Mead on -logp, restarted from its best point with smaller simplexes: (mode, evaluations,
+    converged, message)."""
+    nfev = 0
+    for step in (0.5, 0.2, 0.05):
+        res = optimize.minimize(lambda x: -logp(x), start, method="Nelder-Mead",
+                                options={"maxfev": max_evaluations, "xatol": 1e-3, "fatol": 1e-3,
+                                         "initial_simplex": start + np.vstack([np.zeros(start.size),
+                                                                               step * np.eye(start.size)])})
+        nfev += res.nfev
+        start = res.x
+        progress(f"{label}: Nelder-Mead (simplex {step}) log posterior {-res.fun:.2f} after {nfev} "
+                 f"evaluations ({time.perf_counter() - t0:.0f} s)")
+    return res.x, int(nfev), bool(res.success), str(res.message)
+
+
+def _sample(logp, mode, scale0, spec, names, progress, label: str, t0: float) -> dict:
+    """Adaptive Metropolis from the mode: draws thinned to ``spec.n_draws``, their SDs and the chain's diagnostics."""
+    chain, _, acceptance = metropolis(logp, mode, scale0, spec.warmup, spec.steps, np.random.default_rng(spec.seed))
+    pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
+    ess = _ess(chain)
+    progress(f"{label}: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of {len(chain)} steps; "
+             f"{time.perf_counter() - t0:.0f} s in all")
+    return {"sd_unconstrained": chain.std(axis=0).tolist(), "draws_unconstrained": chain[pick].tolist(),
+            "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
+                           "ess": dict(zip(names, [float(e) for e in ess]))}}
+
+
 def metropolis(logp, x0, scale0, warmup: int, steps: int, rng) -> tuple[np.ndarray, np.ndarray, float]:
     """Adaptive random-walk Metropolis: (kept draws, their log densities, acceptance rate after warm-up)."""
     d = x0.size
@@ -226,34 +254,13 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
         raise evidence.EvidenceError(f"model {model_name!r} has no calibration claims")
     t0 = time.perf_counter()
     prob = CalibrationProblem(model_name, spec, claims, dlt_model)
-    neg = lambda x: -prob.log_posterior(x)  # noqa: E731
     given = dict(spec.start)
     start = np.array([prob._to_x(p, given.get(p, pr.center)) for p, pr in spec.typical] +
                      [math.log(given.get(f"omega_{p}", pr.center)) for p, pr in spec.omegas])
-    nfev = 0
-    for step in (0.5, 0.2, 0.05):  # Nelder-Mead restarted from its best point with a smaller simplex
-        res = optimize.minimize(neg, start, method="Nelder-Mead",
-                                options={"maxfev": spec.max_evaluations, "xatol": 1e-3, "fatol": 1e-3,
-                                         "initial_simplex": start + np.vstack([np.zeros(start.size),
-                                                                               step * np.eye(start.size)])})
-        nfev += res.nfev
-        start = res.x
-        progress(f"{model_name}: Nelder-Mead (simplex {step}) log posterior {-res.fun:.2f} after {nfev} "
-                 f"evaluations ({time.perf_counter() - t0:.0f} s)")
-    mode = res.x
     names = spec.names
-    sampled = {}
-    if draws:
-        rng = np.random.default_rng(spec.seed)
-        scale0 = 0.05 * np.array([pr.sd for _, pr in spec.typical] + [pr.sd for _, pr in spec.omegas])
-        chain, _, acceptance = metropolis(prob.log_posterior, mode, scale0, spec.warmup, spec.steps, rng)
-        pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
-        ess = _ess(chain)
-        progress(f"{model_name}: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of "
-                 f"{len(chain)} steps; {time.perf_counter() - t0:.0f} s in all")
-        sampled = {"sd_unconstrained": chain.std(axis=0).tolist(), "draws_unconstrained": chain[pick].tolist(),
-                   "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
-                                  "ess": dict(zip(names, [float(e) for e in ess]))}}
+    scale0 = 0.05 * np.array([pr.sd for _, pr in spec.typical] + [pr.sd for _, pr in spec.omegas])
+    mode, nfev, converged, message = _mode(prob.log_posterior, start, spec.max_evaluations, progress, model_name, t0)
+    sampled = _sample(prob.log_posterior, mode, scale0, spec, names, progress, model_name, t0) if draws else {}
     terms = prob.terms(mode)
     values, omegas = prob.unpack(mode)
     return {
@@ -272,7 +279,7 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
                    **{f"omega_{p}": {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.omegas}},
         **sampled,
         "log_posterior_at_mode": float(prob.log_posterior(mode)),
-        "optimizer": {"evaluations": int(nfev), "converged": bool(res.success), "message": str(res.message)},
+        "optimizer": {"evaluations": nfev, "converged": converged, "message": message},
         "claims": {row: {"log_likelihood": float(t), "simulated": float(o.value), "simulated_cv_percent":
                          float(o.cv_percent) if math.isfinite(o.cv_percent) else None}
                    for row, (t, o) in terms.items()},
@@ -482,32 +489,12 @@ def calibrate_link(spec: LinkSpec, claims, fitted: dict, progress=print, draws: 
     ``draws=False`` stops at the mode."""
     t0 = time.perf_counter()
     prob = LinkProblem(spec, tuple(claims), fitted)
-    neg = lambda x: -prob.log_posterior(x)  # noqa: E731
     k = 3 + len(spec.offsets)
     start = np.array([pr.center for pr in spec.priors[:k]] + [math.log(pr.center) for _, _, pr in spec.kinetic])
-    nfev = 0
-    for step in (0.5, 0.2, 0.05):
-        res = optimize.minimize(neg, start, method="Nelder-Mead",
-                                options={"maxfev": spec.max_evaluations, "xatol": 1e-3, "fatol": 1e-3,
-                                         "initial_simplex": start + np.vstack([np.zeros(start.size),
-                                                                               step * np.eye(start.size)])})
-        nfev += res.nfev
-        start = res.x
-    progress(f"toxicity link: log posterior {-res.fun:.2f} after {nfev} evaluations ({time.perf_counter() - t0:.0f} s)")
-    mode = res.x
     names = spec.names
-    sampled = {}
-    if draws:
-        rng = np.random.default_rng(spec.seed)
-        scale0 = 0.05 * np.array([pr.sd for pr in spec.priors])
-        chain, _, acceptance = metropolis(prob.log_posterior, res.x, scale0, spec.warmup, spec.steps, rng)
-        pick = np.linspace(0, len(chain) - 1, spec.n_draws).round().astype(int)
-        ess = _ess(chain)
-        progress(f"toxicity link: Metropolis acceptance {acceptance:.2f}, smallest ESS {min(ess):.0f} of "
-                 f"{len(chain)}; {time.perf_counter() - t0:.0f} s in all")
-        sampled = {"sd_unconstrained": chain.std(axis=0).tolist(), "draws_unconstrained": chain[pick].tolist(),
-                   "metropolis": {"warmup": spec.warmup, "steps": spec.steps, "acceptance": acceptance,
-                                  "ess": dict(zip(names, [float(e) for e in ess]))}}
+    scale0 = 0.05 * np.array([pr.sd for pr in spec.priors])
+    mode, *_ = _mode(prob.log_posterior, start, spec.max_evaluations, progress, "toxicity link", t0)
+    sampled = _sample(prob.log_posterior, mode, scale0, spec, names, progress, "toxicity link", t0) if draws else {}
     probs = prob.arm_probabilities(mode)
     return {
         "link": prob.template.describe(),
