@@ -303,7 +303,8 @@ CLAIMS = (
           known_failure="the link, fitted to every arm, gives this arm 37%; GC027 saw grade >= 3 CRS in all 5 "
                         "patients (95% CI 48-100%). Either severe CRS rises more steeply with dose than the early "
                         "exposure of this model implies, or the allogeneic product differs; five patients weigh "
-                        "little against the 186 of the 1e6/kg arms"),
+                        "little against the 186 of the 1e6/kg arms, and other allogeneic CD7 products near this "
+                        "dose saw far less (wucart007_all_crs_grade3plus 5/26, rd1301_all_crs_grade3plus 0/12)"),
     Claim("oh2024_all_crs_grade3plus", options=(("product_type", "pebl"),), **RR,
           note=RR_NOTE + "; 'low CAR-T dosing' (level not in the stored abstract): 1e6/kg assumed"),
     Claim("scrna2023_all_cd7pos_t_elimination", options=(("product_type", "knockout"),), **RR, tolerance=(0.0, 11.0),
