@@ -124,6 +124,10 @@ class Stein2019(Model):
         dm = jnp.where(phase == 0, 0.0 * m, -p["beta"] * m)
         return jnp.stack([de, dm])
 
+    def baseline_state(self, p, cov):
+        # The model's day 0 is the infusion: before it there are no CAR cells.
+        return jnp.zeros(2) * p["cmax"]
+
     def switch_time(self, p):
         return p["tmax"]
 
@@ -135,7 +139,8 @@ class Stein2019(Model):
 
     def closed_form_observables(self, t, p, cov, dose_times, dose_cells):
         # Day 0 of the model is the (first) infusion; dose amounts do not enter.
-        return {"car_copies": self.closed_form(t - dose_times[0], p)}
+        since = t - jnp.min(dose_times)
+        return {"car_copies": jnp.where(since < 0, 0.0, self.closed_form(jnp.maximum(since, 0.0), p))}
 
     @staticmethod
     def closed_form(t, p):

@@ -182,7 +182,12 @@ class Model:
 
     # --- the dynamics: pure JAX functions ----------------------------------
     def initial_state(self, p: dict, cov: dict) -> jnp.ndarray:
+        """State at the first infusion, before that infusion's cells are added."""
         raise NotImplementedError
+
+    def baseline_state(self, p: dict, cov: dict) -> jnp.ndarray:
+        """State reported at times before the first infusion (default: the initial state)."""
+        return self.initial_state(p, cov)
 
     def vector_field(self, t, y, p: dict, cov: dict, phase) -> jnp.ndarray:
         """dy/dt. ``phase`` is 0 before the switch time and 1 after (models without one: 0)."""
@@ -197,6 +202,7 @@ class Model:
         raise NotImplementedError(f"model {self.name!r} takes no dose")
 
     def switch_time(self, p: dict):
+        """Time of the regime switch, in days after the first infusion."""
         raise NotImplementedError
 
     def on_switch(self, y, p: dict, cov: dict):

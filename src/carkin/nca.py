@@ -32,6 +32,8 @@ The computation is vectorised over profiles: data are reshaped to
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -252,7 +254,9 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
     which also states the BLQ rule.
     """
     rules = _rules(method, partial_end, min_terminal_points, lambda_z_window, min_span_ratio, contraction_end)
+    failed = None
     if isinstance(obj, xr.Dataset):
+        failed = obj.get("failed")
         if variable is None:
             variable = "car_copies" if "car_copies" in obj.data_vars else None
         if variable is None or variable not in obj.data_vars:
@@ -280,6 +284,12 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
 
     conc_u, time_u = obj.attrs.get("units", ""), obj["time"].attrs.get("units", "day")
     template = da.isel(time=0, drop=True)
+    skipped = _failed_mask(failed, template)
+    if skipped.any():
+        for name in res:
+            res[name] = np.where(skipped.reshape(-1), np.nan, res[name])
+        warnings.warn(f"nca: {int(skipped.sum())} profile(s) whose solve failed (the Dataset's 'failed' variable) "
+                      "were skipped; their endpoints are NaN", NCAWarning, stacklevel=2)
     data = {}
     for name, (long_name, kind) in ENDPOINTS.items():
         attrs = {"units": _units(kind, conc_u, time_u),
@@ -295,6 +305,17 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
         "partial_end": float(partial_end), "min_terminal_points": int(min_terminal_points),
         "variable": str(obj.name) if obj.name is not None else "", **_rule_attrs(rules),
     })
+
+
+class NCAWarning(UserWarning):
+    """Some profiles were left out of the NCA."""
+
+
+def _failed_mask(failed, template: xr.DataArray) -> np.ndarray:
+    """Profiles whose solve failed, on the template's dims (all False when there is no flag)."""
+    if failed is None:
+        return np.zeros(template.shape, bool)
+    return failed.astype(bool).broadcast_like(template).transpose(*template.dims).values
 
 
 def _rules(method, partial_end, min_terminal_points, lambda_z_window, min_span_ratio, contraction_end) -> dict:

@@ -10,6 +10,11 @@ Convention at an event time: the value reported is the one *after* the event
 continuous anyway). This is NONMEM's order for a dose record before an
 observation at the same time.
 
+Before the first infusion the subject is at baseline (``Model.baseline_state``): output
+times before it are reported at that state and never shift the start of integration,
+which begins at the first infusion. A parameter-valued switch (Stein's Tmax) counts from
+the first infusion.
+
 Everything here is pure JAX for one subject; ``vmap`` it over subjects.
 """
 
@@ -18,17 +23,36 @@ from __future__ import annotations
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from carkin.kinetics import Model
 
 _SOLVERS = {"Tsit5": dfx.Tsit5, "Dopri5": dfx.Dopri5, "Dopri8": dfx.Dopri8, "Kvaerno5": dfx.Kvaerno5}
 
 
+# Relative tolerances outside this range are either below float64 resolution or too
+# loose for any reported digit to mean something.
+RTOL_RANGE = (1e-14, 1e-2)
+
+
+def check_tolerances(rtol, atol) -> None:
+    """Refuse tolerances a solve cannot honour (None means the model's own setting)."""
+    if rtol is not None:
+        lo, hi = RTOL_RANGE
+        if not (isinstance(rtol, (int, float)) and np.isfinite(rtol) and lo <= rtol <= hi):
+            raise ValueError(f"rtol={rtol!r} is outside [{lo:g}, {hi:g}] (relative tolerance, 1); "
+                             "give a value such as 1e-6, or leave it out for the model's setting")
+    if atol is not None:
+        if not (isinstance(atol, (int, float)) and np.isfinite(atol) and atol > 0):
+            raise ValueError(f"atol={atol!r} must be a finite number > 0 (absolute tolerance, in each "
+                             "state's unit); give a value such as 1e-8, or leave it out for the model's setting")
+
+
 def solver_for(model: Model, rtol: float | None = None, atol: float | None = None):
     s = model.solver
     return (
         _SOLVERS[s.solver](),
-        dfx.PIDController(rtol=rtol or s.rtol, atol=atol or s.atol),
+        dfx.PIDController(rtol=s.rtol if rtol is None else rtol, atol=s.atol if atol is None else atol),
     )
 
 
@@ -64,14 +88,14 @@ def solve_subject(
     ev_t = dose_times.astype(dtype)
     ev_amt = dose_cells.astype(dtype) * (model.cells_to_state(p, cov) if dose_idx is not None else 0.0)
     ev_kind = jnp.zeros(ev_t.shape, jnp.int32)
+    t_first = jnp.min(ev_t)
     if model.has_switch:
-        ev_t = jnp.append(ev_t, jnp.asarray(model.switch_time(p), dtype))
+        ev_t = jnp.append(ev_t, t_first + jnp.asarray(model.switch_time(p), dtype))
         ev_amt = jnp.append(ev_amt, 0.0)
         ev_kind = jnp.append(ev_kind, 1)
     order = jnp.lexsort((ev_kind, ev_t))
     ev_t, ev_amt, ev_kind = ev_t[order], ev_amt[order], ev_kind[order]
 
-    t_start = jnp.minimum(times[0], ev_t[0])
     y0 = model.initial_state(p, cov).astype(dtype)
     term = dfx.ODETerm(lambda t, y, phase: model.vector_field(t, y, p, cov, phase))
 
@@ -98,8 +122,10 @@ def solve_subject(
         phase = jnp.where(kind == 1, 1, phase)
         return (te, y_end, phase, out, ok & ok_seg, steps + n), None
 
-    out0 = jnp.full((times.shape[0], n_states), jnp.nan, dtype)
-    carry = (t_start, y0, jnp.asarray(0), out0, jnp.asarray(True), jnp.asarray(0))
+    pre_dose = (times < t_first)[:, None]
+    baseline = model.baseline_state(p, cov).astype(dtype)
+    out0 = jnp.where(pre_dose, baseline, jnp.full((times.shape[0], n_states), jnp.nan, dtype))
+    carry = (t_first, y0, jnp.asarray(0), out0, jnp.asarray(True), jnp.asarray(0))
     carry, _ = jax.lax.scan(segment, carry, (ev_t, ev_amt, ev_kind))
     t_cur, y, phase, out, ok, steps = carry
     t_end = jnp.maximum(times[-1], t_cur)
