@@ -93,12 +93,12 @@ def stein_dataset(seed: int = 20191) -> None:
     truth["sigma_car_copies"] = STEIN_SIGMA
     write_toml(HERE / "stein_sim.toml", {
         "dataset": {"description": "40 simulated tisagenlecleucel-like subjects (stein_2019, Table 1 values)",
-                    "amt_unit": "cells/kg", "time_unit": "day",
-                    "blq_late_fraction": round(fractions[lloq], 3), "lloq": float(lloq)},
-        "dvid.1": {"observable": "car_copies", "unit": "copies/µg gDNA", "transform": "log10", "scale": "log"},
+                    "amt_unit": "cells/kg", "time_unit": "day"},
+        "dvid.1": {"observable": "car_copies", "unit": "copies/µg gDNA", "transform": "log10", "scale": "log",
+                   "lloq": float(lloq)},
         "covariates": {"WT": "kg", "AGE": "year"},
         "generation": {"model": "stein_2019", "seed": seed, "script": SCRIPT, "n_subjects": n,
-                       "residual_error": "log-additive"},
+                       "residual_error": "log-additive", "blq_late_fraction": round(fractions[lloq], 3)},
         "generation.true_values": truth,
     })
     print(f"stein_sim: LLOQ {lloq} copies/µg; BLQ fraction of samples on days >= {LATE_DAY}: "

@@ -1,8 +1,11 @@
 """Reading NONMEM-style CAR-T datasets: a CSV of dose and observation records plus an optional TOML sidecar.
 
 The CSV has one record per row: ID, TIME in days and DV, with EVID 1 for a dose
-(AMT) and EVID 0 for an observation. Upper-case columns that are not NONMEM data
-items are subject covariates (WT, AGE, PRODUCT, ...); other columns are ignored.
+(AMT) and EVID 0 for an observation. NONMEM's data items are recognised in any
+letter case (``id``, ``Time``); other upper-case columns are subject covariates
+(WT, AGE, PRODUCT, ...), one baseline value per subject (a covariate that changes
+within a subject is refused); other columns are ignored. A ``C`` column drops the
+records it flags, as NONMEM's IGNORE=C does. Missing values are empty, ``.`` or ``NA``.
 The sidecar (``<stem>.toml`` beside the CSV) says what each DVID measures, how
 DV is written (as is, log10 or ln), the default LLOQ and the dose unit.
 
@@ -26,12 +29,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-MISSING = frozenset({"", "."})  # an empty cell or NONMEM's dot
+from carkin.strict import UNIT_RANGES, unknown_keys
+
+MISSING = frozenset({"", ".", "NA"})  # an empty cell, NONMEM's dot or R's NA
 REQUIRED = ("ID", "TIME", "DV")
 DATA_ITEMS = ("EVID", "AMT", "CMT", "MDV", "DVID", "BLQ", "LLOQ", "RATE")
 UNSUPPORTED_DOSING = ("ADDL", "II", "SS")  # implied repeated doses: refused rather than silently dropped
-NUMERIC = ("TIME", "DV", "AMT", "EVID", "MDV", "BLQ", "LLOQ", "WT", "RATE", "CMT", *UNSUPPORTED_DOSING)
-KNOWN = (*REQUIRED, *DATA_ITEMS, *UNSUPPORTED_DOSING, "WT")
+# CMT is read as text: carkin's models take doses into their own dose state, so a number or a
+# compartment name (as NONMEM's $MODEL COMP names it) are both accepted and not used.
+NUMERIC = ("TIME", "DV", "AMT", "EVID", "MDV", "BLQ", "LLOQ", "WT", "RATE", *UNSUPPORTED_DOSING)
+KNOWN = (*REQUIRED, *DATA_ITEMS, *UNSUPPORTED_DOSING, "WT", "C")
+SIDECAR_KEYS = {  # table -> its keys; [covariates] names columns, [generation] is free-form provenance
+    "": ("dataset", "dvid", "covariates", "generation"),
+    "dataset": ("description", "amt_unit", "time_unit"),
+    "dvid": ("observable", "unit", "transform", "scale", "lloq"),
+}
+# Plausible ranges (low, high, unit): values outside are refused as typing or unit errors.
+TIME_RANGE = (-3650.0, 36525.0, "day")  # ten years before to a century after the first dose
+AMT_RANGES = {"cells": (1e4, 1e12, "cells"), "cells/kg": (1e2, 1e10, "cells/kg")}
+
 TRANSFORMS = ("none", "log10", "ln")
 SCALES = ("log", "linear")
 AMT_UNITS = ("cells", "cells/kg")
@@ -193,8 +209,9 @@ def _read_only(array) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Settings:
-    amt_unit: str
+    amt_unit: str | None  # None: the sidecar does not say
     specs: dict  # DVID key as written in the sidecar (normalised) -> ObservableSpec
+    covariate_units: dict  # column -> unit, from the sidecar's [covariates]
 
 
 @dataclass(frozen=True)
@@ -220,10 +237,11 @@ class _Obs:
 # --- reading the files -------------------------------------------------------------------------------------------
 
 
-def read_dataset(path, sidecar=None) -> StudyData:
+def read_dataset(path, sidecar=None, *, amt_unit: str | None = None) -> StudyData:
     """Read a NONMEM-style CSV (and its TOML sidecar) into arrays, or raise DatasetError listing every problem.
 
-    ``sidecar`` defaults to ``<stem>.toml`` beside the CSV when that file exists.
+    ``sidecar`` defaults to ``<stem>.toml`` beside the CSV when that file exists. ``amt_unit``
+    ("cells" or "cells/kg") states the dose unit for a file whose sidecar does not.
     Warns (DatasetWarning) about subjects without observations or without doses.
     """
     file = os.fspath(path)
@@ -233,12 +251,18 @@ def read_dataset(path, sidecar=None) -> StudyData:
     meta, side_file, problems = _load_sidecar(file, sidecar)
     settings, found = _settings(meta, side_file)
     problems += found
+    if amt_unit is not None:
+        if amt_unit not in AMT_UNITS or settings.amt_unit not in (None, amt_unit):
+            raise ValueError(f"amt_unit={amt_unit!r}: give \"cells\" or \"cells/kg\", and only for a file whose "
+                             f"sidecar does not state it (it says {settings.amt_unit!r})")
+        settings = dataclasses.replace(settings, amt_unit=amt_unit)
 
     content = [(n, cells) for n, cells in records if any(cells)]  # blank lines still count as rows
     if not content:
         message = "the file is empty; it needs a header row (ID,TIME,DV,...) and one row per dose or observation"
         raise DatasetError(file, [*problems, Problem(file, None, None, None, message)])
     header_row, names, data = _split_header(content)
+    names = [_canonical(name) for name in names]
     problems += _header_problems(file, header_row, names, data)
     if not data:
         problems.append(Problem(file, None, None, None, "the file has a header but no records; add one row per dose "
@@ -252,12 +276,13 @@ def read_dataset(path, sidecar=None) -> StudyData:
     if problems:  # later checks would depend on the columns and on the sidecar's settings
         raise DatasetError(file, problems)
 
+    data, excluded = _drop_commented(names, columns, data)
     rows, problems = _parse_rows(file, names, columns, data)
     dose_rows, observations = [], []
     for r in rows:
         kind = _kind(r)
         if kind == "dose":
-            problems += _dose_problems(file, r, settings.amt_unit)
+            problems += _dose_problems(file, r, settings.amt_unit or "cells or cells/kg")
             dose_rows.append(r)
         elif kind == "obs":
             obs, found = _observation(file, r, settings.specs, default_spec if "DVID" not in columns else None)
@@ -267,6 +292,11 @@ def read_dataset(path, sidecar=None) -> StudyData:
         problems += _amt_on_observation(file, r)
     problems += _order_problems(file, rows)
     problems += _duplicate_problems(file, dose_rows, observations)
+    covariate_names = [c for c in columns if c.isupper() and c not in KNOWN or c == "WT"]
+    settings, found = _infer_amt_unit(file, side_file, settings, dose_rows, "WT" in columns)
+    problems += found
+    problems += _range_problems(file, rows, dose_rows, covariate_names, settings)
+    problems += _time_varying_problems(file, rows, covariate_names)
     subjects = tuple(dict.fromkeys(r.id for r in rows))
     weights = _first_values(rows, "WT")
     cells, found = _dose_cells(file, dose_rows, weights, "WT" in columns, settings.amt_unit)
@@ -275,10 +305,12 @@ def read_dataset(path, sidecar=None) -> StudyData:
         raise DatasetError(file, problems)
 
     _warn_about_subjects(file, subjects, dose_rows, observations)
-    covariate_names = [c for c in columns if c.isupper() and c not in (*REQUIRED, *DATA_ITEMS, *UNSUPPORTED_DOSING)]
+    if excluded:
+        warnings.warn(f"{file}: {excluded} record(s) flagged in column C were left out (NONMEM's IGNORE=C)",
+                      DatasetWarning, stacklevel=2)
     return _assemble(
         file, subjects, dose_rows, cells, observations,
-        {name: _covariate(rows, name, subjects) for name in covariate_names}, settings.amt_unit, meta,
+        {name: _covariate(rows, name, subjects) for name in covariate_names}, settings.amt_unit or "cells", meta,
     )
 
 
@@ -326,10 +358,11 @@ def _load_sidecar(file: str, sidecar) -> tuple[dict, str, list[Problem]]:
 
 def _settings(meta: dict, side_file: str) -> tuple[_Settings, list[Problem]]:
     """The sidecar's dose unit and DVID mapping; invalid values are problems naming the key."""
-    messages = []
+    messages = unknown_keys(meta, SIDECAR_KEYS[""], "the sidecar's top level")
     dataset = _table(meta, "dataset", "[dataset]", messages)
-    amt_unit = dataset.get("amt_unit", "cells")
-    if amt_unit not in AMT_UNITS:
+    messages += unknown_keys(dataset, SIDECAR_KEYS["dataset"], "[dataset]")
+    amt_unit = dataset.get("amt_unit")
+    if amt_unit is not None and amt_unit not in AMT_UNITS:
         messages.append(f"[dataset] amt_unit = {_show(amt_unit)} is not valid; use \"cells\" (total cells infused) "
                         "or \"cells/kg\" (per kg of the subject's WT)")
         amt_unit = "cells"
@@ -344,11 +377,14 @@ def _settings(meta: dict, side_file: str) -> tuple[_Settings, list[Problem]]:
         if spec is not None:
             specs[_dvid_key(key)] = spec
     messages += _conflicting_specs(specs)
+    units = {}
     for name, unit in _table(meta, "covariates", "[covariates]", messages).items():
         if not isinstance(unit, str):
             messages.append(f"[covariates] {name} = {_show(unit)} is not valid; give the unit as text, e.g. "
                             f"{name} = \"kg\"")
-    return _Settings(amt_unit, specs), [Problem(side_file, None, None, None, m) for m in messages]
+        else:
+            units[name.upper()] = unit
+    return _Settings(amt_unit, specs, units), [Problem(side_file, None, None, None, m) for m in messages]
 
 
 def _table(meta: dict, key: str, what: str, messages: list) -> dict:
@@ -363,7 +399,7 @@ def _observable_spec(key: str, table) -> tuple[ObservableSpec | None, list[str]]
     where = f"[dvid.{key}]"
     if not isinstance(table, dict):
         return None, [f"dvid.{key} = {_show(table)} is not valid; write a table {where} with observable = \"...\""]
-    messages = []
+    messages = unknown_keys(table, SIDECAR_KEYS["dvid"], where)
     name = table.get("observable")
     if not isinstance(name, str) or not name.strip():
         messages.append(f"{where} needs observable = \"<model observable>\", e.g. observable = \"car_copies\"")
@@ -435,6 +471,20 @@ def _commented_header(cells: list[str]) -> bool:
     return cells[0].startswith("#") and cells[0].lstrip("#").strip() in KNOWN
 
 
+def _canonical(name: str) -> str:
+    """NONMEM reads data items in any letter case: ``time`` is TIME. Other names keep their case."""
+    return name.upper() if name.upper() in KNOWN else name
+
+
+def _drop_commented(names: list[str], columns: dict, data: list) -> tuple[list, int]:
+    """The records not flagged in a C column (any value but empty, '.', NA or 0 flags), and how many were."""
+    if "C" not in columns:
+        return data, 0
+    at = columns["C"]
+    keep = [(n, cells) for n, cells in data if at >= len(cells) or cells[at] in MISSING or cells[at] == "0"]
+    return keep, len(data) - len(keep)
+
+
 def _columns(names: list[str]) -> dict[str, int]:
     """Column name -> field index (first of duplicates; unnamed columns left out)."""
     columns = {}
@@ -457,10 +507,6 @@ def _header_problems(file: str, header_row: int, names: list[str], data: list) -
             if used is not None:  # an empty trailing column is harmless; one holding values is not
                 problem(None, f"column {i + 1} has no name but holds values (e.g. row {used}); name it in the "
                         "header or remove it (a saved table index?)")
-    for name in names:
-        upper = name.upper()
-        if name != upper and upper in KNOWN and upper not in names:
-            problem(name, f"column {name} must be named {upper}: column names are upper-case")
     lowered = {n.upper() for n in names if n}
     for name in REQUIRED:
         if name not in names and name not in lowered:
@@ -559,6 +605,25 @@ def _kind(r: _Row) -> str | None:
     if evid == 1.0:
         return "dose"
     return "skip" if r.num.get("MDV") == 1.0 else "obs"
+
+
+def _infer_amt_unit(file: str, side_file: str, settings: _Settings, dose_rows: list[_Row], has_wt: bool):
+    """The dose unit when the sidecar does not state it: total cells when AMT cannot be per kg (no WT
+    column: warned; an amount above any per-kg dose: certain), otherwise a problem, as the two readings
+    of one file differ by the subject's weight."""
+    if settings.amt_unit is not None or not dose_rows:
+        return settings, []
+    amounts = [r.num["AMT"] for r in dose_rows if "AMT" in r.num]
+    if any(a > AMT_RANGES["cells/kg"][1] for a in amounts):
+        return dataclasses.replace(settings, amt_unit="cells"), []
+    if not has_wt:
+        warnings.warn(f"{side_file or file}: amt_unit not stated; AMT taken as total cells, as the file has no WT "
+                      "column for per-kg doses; set amt_unit = \"cells\" (or \"cells/kg\" and add WT) in the "
+                      "sidecar's [dataset] table", DatasetWarning, stacklevel=3)
+        return dataclasses.replace(settings, amt_unit="cells"), []
+    return settings, [Problem(side_file or file, None, None, "AMT", "the dose unit is not stated and AMT could be "
+                              "total cells or cells/kg (a factor of the subject's weight apart); set amt_unit = "
+                              "\"cells\" or amt_unit = \"cells/kg\" in the sidecar's [dataset] table")]
 
 
 def _dose_problems(file: str, r: _Row, amt_unit: str) -> list[Problem]:
@@ -724,6 +789,60 @@ def _duplicate_problems(file: str, dose_rows: list[_Row], observations: list[_Ob
     return problems
 
 
+def _range_problems(file: str, rows: list[_Row], dose_rows: list[_Row], covariates: list[str],
+                    settings: _Settings) -> list[Problem]:
+    """Values outside their plausible range (see TIME_RANGE, AMT_RANGES, UNIT_RANGES): unit or typing errors."""
+    problems = []
+    lo, hi, unit = TIME_RANGE
+    for r in rows:
+        t = r.num.get("TIME")
+        if t is not None and not lo <= t <= hi:
+            problems.append(Problem(file, r.row, r.id, "TIME", f"TIME {r.text['TIME']} is outside the plausible range "
+                                    f"[{lo:g}, {hi:g}] {unit}; TIME is in days after the first dose"))
+    if settings.amt_unit is not None:
+        lo, hi, unit = AMT_RANGES[settings.amt_unit]
+        for r in dose_rows:
+            amt = r.num.get("AMT")
+            if amt is not None and amt > 0 and not lo <= amt <= hi:
+                problems.append(Problem(file, r.row, r.id, "AMT", f"AMT {r.text['AMT']} is outside the plausible "
+                                        f"range [{lo:g}, {hi:g}] {unit} (amt_unit = \"{settings.amt_unit}\"); check "
+                                        "the dose and the sidecar's amt_unit"))
+    units = {"WT": "kg", **settings.covariate_units}
+    for name in covariates:
+        bounds = UNIT_RANGES.get(units.get(name, ""))
+        if bounds is None:
+            continue
+        lo, hi = bounds
+        for r in rows:
+            value = _number_or_none(r.text.get(name))
+            if value is not None and not lo <= value <= hi:
+                problems.append(Problem(file, r.row, r.id, name, f"{name} {r.text[name]} is outside the plausible "
+                                        f"range [{lo:g}, {hi:g}] {units[name]}; check the value and its unit"))
+    return problems
+
+
+def _time_varying_problems(file: str, rows: list[_Row], covariates: list[str]) -> list[Problem]:
+    """Covariates are one baseline value per subject: a value that changes within a subject is refused
+    rather than silently replaced by the first one."""
+    problems = []
+    for name in covariates:
+        first = {}
+        for r in rows:
+            text = r.text.get(name, "")
+            if text in MISSING:
+                continue
+            value = _number_or_none(text)
+            key = value if value is not None else text
+            if r.id not in first:
+                first[r.id] = (key, text, r.row)
+            elif first[r.id][0] != key:
+                problems.append(Problem(file, r.row, r.id, name, f"{name} changes within the subject ({first[r.id][1]} "
+                                        f"at row {first[r.id][2]}, {text} here): time-varying covariates are not "
+                                        "supported; give the baseline value on every record (or only the first)"))
+                first[r.id] = (key, text, r.row)
+    return problems
+
+
 def _first_values(rows: list[_Row], column: str) -> dict:
     """Each subject's first non-missing text in ``column``."""
     first = {}
@@ -737,7 +856,7 @@ def _first_values(rows: list[_Row], column: str) -> dict:
 def _dose_cells(file: str, dose_rows: list[_Row], weights: dict, has_wt: bool, amt_unit: str):
     """Total cells per dose record: AMT, or AMT times the weight (the record's WT, else the subject's first)."""
     amounts = [r.num.get("AMT", 0.0) for r in dose_rows]
-    if amt_unit == "cells" or not dose_rows:
+    if amt_unit != "cells/kg" or not dose_rows:
         return amounts, []
     if not has_wt:
         return amounts, [Problem(file, None, None, "WT", "per-kg dose without weight: amt_unit is \"cells/kg\" but "

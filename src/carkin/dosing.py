@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FRACTION_SUM_TOL = 1e-9
+DOSE_RANGE = (1e2, 1e10)  # cells/kg: CAR products are dosed at 1e5-1e8/kg; outside this a unit slipped
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class Regimen:
             raise ValueError(f"infusion days must be sorted in increasing order, got {list(days)}")
         if any(not math.isfinite(a) or a < 0 for a in amounts):
             raise ValueError(f"infused amounts must be finite and >= 0 cells/kg, got {list(amounts)}")
+        total = sum(amounts)
+        lo, hi = DOSE_RANGE
+        if total > 0 and not lo <= total <= hi:
+            raise ValueError(f"a total dose of {total:g} cells/kg is outside the plausible range [{lo:g}, {hi:g}] "
+                             "cells/kg; doses are in cells per kg (1 million per kg is 1e6), not in millions")
         object.__setattr__(self, "days", days)
         object.__setattr__(self, "amounts_per_kg", amounts)
         if not self.label:

@@ -16,12 +16,38 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from carkin.strict import interval_problem, range_problem, unknown_keys
 from carkin.toxicity import DLTModel, default_dlt_model
+from carkin.trials import MAX_TRIALS
 from carkin.whatif import HoldRule, Schedule
 
 WEIGHT_CV = 0.2  # log-SD of weight around the age-typical value
 WEIGHT_BOUNDS = (10.0, 150.0)
 DESIGNS = ("3+3", "boin", "crm", "single-arm")
+KEYS = {  # every table a protocol may have and its keys; [model] takes the model's own options too
+    "": ("protocol", "model", "dosing", "population", "sampling", "design", "toxicity", "evidence", "notes"),
+    "protocol": ("id", "title", "product", "target", "indication", "setting"),
+    "dosing": ("levels", "schedule", "fractions", "days", "hold_threshold", "compare_schedules"),
+    "population": ("n_subjects", "age_years", "blast_percent", "cd7n0_cells_per_ul", "bcell_cells_per_ul",
+                   "weight_kg"),
+    "sampling": ("days", "bone_marrow_days", "endpoints"),
+    "evidence": ("toxicity",),
+}
+DESIGN_KEYS = {
+    "3+3": ("variant", "accelerated_doses"),
+    "boin": ("target", "cohort_size", "n_cohorts"),
+    "crm": ("skeleton", "target", "cohort_size", "n_cohorts"),
+    "single-arm": ("n_patients",),
+}
+COMMON_DESIGN_KEYS = ("name", "n_trials", "dlt_window_days")
+# Plausible ranges (low, high, unit) for the numbers a protocol gives.
+DOSE_RANGE = (1e3, 1e10, "cells/kg")
+AGE_RANGE = (0.0, 120.0, "years")
+WEIGHT_RANGE = (0.5, 300.0, "kg")
+BLAST_RANGE = (0.0, 100.0, "%")
+COUNT_RANGE = (0.0, 1e6, "cells/µL")
+DAY_RANGE = (-3650.0, 36525.0, "days after the first infusion")
+MAX_SUBJECTS = 1_000_000  # per dose and schedule; larger populations belong to carkin.stream
 
 
 class ProtocolError(ValueError):
@@ -145,17 +171,23 @@ def read_protocol(path) -> Protocol:
     for name in ("protocol", "model", "dosing", "population", "design"):
         if name not in raw:
             raise ProtocolError(f"{path}: missing table [{name}]")
+    _check_keys(raw, path)
     p, m, d, pop, s, des = (sections[k] for k in ("protocol", "model", "dosing", "population", "sampling", "design"))
     model_name = _get(m, "name", f"{path} [model]", str, required=True)
     options = {k: v for k, v in m.items() if k != "name"}
+    model = _check_model(model_name, options, path)
     where = f"{path} [dosing]"
     doses = _numbers(d, "levels", where, required=True)
     if not doses or any(x <= 0 for x in doses) or list(doses) != sorted(set(doses)):
         raise ProtocolError(f"{where}: levels must be increasing positive doses in cells/kg, got {list(doses)}")
+    for x in doses:
+        _in_range(f"{where}: levels", x, DOSE_RANGE, "doses are total cells per kg, e.g. 1e6")
     kind = _get(d, "schedule", where, str, "single")
     if kind not in ("single", "split"):
         raise ProtocolError(f"{where}: schedule must be \"single\" or \"split\", got {kind!r}")
     hold = _get(d, "hold_threshold", where, (int, float))
+    if hold is not None:
+        _in_range(f"{where}: hold_threshold", hold, (1e-300, 1e12, "copies/µg gDNA"), "a CAR level above 0")
     fractions = _numbers(d, "fractions", where, (0.1, 0.3, 0.6) if kind == "split" else (1.0,))
     days = _numbers(d, "days", where, (0.0, 1.0, 2.0) if kind == "split" else (0.0,))
     try:
@@ -169,14 +201,26 @@ def read_protocol(path) -> Protocol:
         compare.append(other)
     where = f"{path} [population]"
     age = _numbers(pop, "age_years", where, required=True, length=2)
+    _interval(where, "age_years", age, AGE_RANGE)
     ranges = {}
-    for key, cov in (("blast_percent", "BLAST"), ("cd7n0_cells_per_ul", "CD7N0"), ("bcell_cells_per_ul", "BCELL")):
+    for key, cov, bounds in (("blast_percent", "BLAST", BLAST_RANGE), ("cd7n0_cells_per_ul", "CD7N0", COUNT_RANGE),
+                             ("bcell_cells_per_ul", "BCELL", COUNT_RANGE)):
         r = _numbers(pop, key, where, length=2)
         if r is not None:
             if not 0 < r[0] <= r[1]:
                 raise ProtocolError(f"{where}: {key} must be [low, high] with 0 < low <= high, got {list(r)}")
+            _interval(where, key, r, bounds)
             ranges[cov] = r
     weight = _numbers(pop, "weight_kg", where, WEIGHT_BOUNDS, length=2)
+    _interval(where, "weight_kg", weight, WEIGHT_RANGE)
+    n_subjects = _get(pop, "n_subjects", where, int, 200)
+    _in_range(f"{where}: n_subjects", n_subjects, (1, MAX_SUBJECTS, "subjects"), "a whole number of patients")
+    sampling_days = _numbers(s, "days", f"{path} [sampling]", (0.0, 7.0, 14.0, 28.0))
+    marrow_days = _numbers(s, "bone_marrow_days", f"{path} [sampling]", ())
+    for key, days_ in (("days", sampling_days), ("bone_marrow_days", marrow_days)):
+        for x in days_:
+            _in_range(f"{path} [sampling]: {key}", x, DAY_RANGE, "visit days")
+    endpoints = _get(s, "endpoints", f"{path} [sampling]", list, [])
     design = dict(des)
     name = str(design.get("name", ""))
     if name not in DESIGNS:
@@ -191,18 +235,68 @@ def read_protocol(path) -> Protocol:
         dlt = replace(dlt, **tox)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{path} [toxicity]: {e}") from None
+    observables = [o.name for o in model.observables]
+    if dlt.peak_observable not in observables:
+        raise ProtocolError(f"{path} [toxicity]: peak_observable = {dlt.peak_observable!r} is not an observable of "
+                            f"model {model_name!r}; its observables are {observables}")
+    covariates = [c.name for c in model.covariates]
+    if "burden_covariate" in tox and dlt.burden_covariate not in covariates:
+        raise ProtocolError(f"{path} [toxicity]: burden_covariate = {dlt.burden_covariate!r} is not a covariate of "
+                            f"model {model_name!r}; its covariates are {covariates}")
     comparable = _comparable(sections["evidence"], path)
-    return Protocol(
+    protocol = Protocol(
         path=path, id=str(p.get("id", Path(path).stem)), title=str(p.get("title", "")),
         product=str(p.get("product", "")), target=str(p.get("target", "")), indication=str(p.get("indication", "")),
         setting=str(p.get("setting", "")), model=model_name, model_options=options, doses=doses,
-        schedule=schedule, compare=tuple(compare), n_subjects=int(_get(pop, "n_subjects", where, int, 200)),
-        age_years=age, ranges=ranges, weight_kg=weight,
-        sampling_days=_numbers(s, "days", f"{path} [sampling]", (0.0, 7.0, 14.0, 28.0)),
-        marrow_days=_numbers(s, "bone_marrow_days", f"{path} [sampling]", ()),
-        endpoints=tuple(s.get("endpoints", ())), design=design, dlt=dlt, notes=dict(raw.get("notes", {})),
+        schedule=schedule, compare=tuple(compare), n_subjects=n_subjects,
+        age_years=age, ranges=ranges, weight_kg=weight, sampling_days=sampling_days, marrow_days=marrow_days,
+        endpoints=tuple(str(e) for e in endpoints), design=design, dlt=dlt, notes=dict(raw.get("notes", {})),
         comparable=comparable,
     )
+    design_of(protocol)  # every design value checked now, before anything is simulated
+    return protocol
+
+
+def _check_keys(raw: dict, path: str) -> None:
+    """Refuse unknown tables and keys (a misspelt key would otherwise run another protocol without a word)."""
+    problems = unknown_keys(raw, KEYS[""], f"{path} (top level)")
+    for table, keys in KEYS.items():
+        if table and isinstance(raw.get(table), dict):
+            problems += unknown_keys(raw[table], keys, f"{path} [{table}]")
+    design = raw.get("design")
+    if isinstance(design, dict) and isinstance(design.get("name"), str) and design["name"] in DESIGN_KEYS:
+        problems += unknown_keys(design, COMMON_DESIGN_KEYS + DESIGN_KEYS[design["name"]],
+                                 f"{path} [design] (name = \"{design['name']}\")")
+    for name in ("protocol", "model", "dosing", "population", "sampling", "design", "toxicity", "evidence", "notes"):
+        if name in raw and not isinstance(raw[name], dict):
+            problems.append(f"{path}: {name} must be a table [{name}], got {raw[name]!r}")
+    if problems:
+        raise ProtocolError("\n".join(problems))
+
+
+def _check_model(name: str, options: dict, path: str):
+    """The model exists and takes these options (checked when the file is read, not after a simulation)."""
+    from carkin.library import load_model
+
+    try:
+        return load_model(name, **options)
+    except TypeError as e:
+        raise ProtocolError(f"{path} [model]: model {name!r} does not take these options {sorted(options)} "
+                            f"({e}); remove or correct them") from None
+    except ValueError as e:
+        raise ProtocolError(f"{path} [model]: {e}") from None
+
+
+def _in_range(where: str, value, bounds, why: str = "") -> None:
+    message = range_problem(where, value, *bounds, why)
+    if message:
+        raise ProtocolError(message)
+
+
+def _interval(where: str, key: str, pair, bounds) -> None:
+    message = interval_problem(f"{where}: {key}", pair, *bounds)
+    if message:
+        raise ProtocolError(message)
 
 
 def _comparable(table: dict, path: str) -> tuple:
@@ -210,7 +304,11 @@ def _comparable(table: dict, path: str) -> tuple:
     from carkin import evidence
 
     out = []
-    for i, entry in enumerate(table.get("toxicity", [])):
+    entries = table.get("toxicity", [])
+    if not isinstance(entries, list):
+        raise ProtocolError(f"{path} [evidence]: toxicity must be a list of [[evidence.toxicity]] tables, "
+                            f"got {entries!r}")
+    for i, entry in enumerate(entries):
         where = f"{path} [[evidence.toxicity]] entry {i + 1}"
         if not isinstance(entry, dict):
             raise ProtocolError(f"{where}: must be a table with dose, schedule and rows")
@@ -282,21 +380,34 @@ def design_of(protocol: Protocol):
     from carkin.trials import BOIN, CRM, ThreePlusThree
 
     d, where = protocol.design, f"{protocol.path} [design]"
+    n_trials = _get(d, "n_trials", where, int, 1000)
+    _in_range(f"{where}: n_trials", n_trials, (1, MAX_TRIALS, "trials"), "a whole number of simulated trials")
+    _get(d, "dlt_window_days", where, (int, float))
+    count = lambda key, default, high: _counted(d, key, where, default, high)
     try:
         if d["name"] == "3+3":
-            return ThreePlusThree(variant=d.get("variant", "escalation-only"),
-                                  accelerated_doses=int(d.get("accelerated_doses", 0)))
+            return ThreePlusThree(variant=_get(d, "variant", where, str, "escalation-only"),
+                                  accelerated_doses=count("accelerated_doses", 0, len(protocol.doses)))
         if d["name"] == "boin":
-            return BOIN(target=float(d.get("target", 0.3)), cohort_size=int(d.get("cohort_size", 3)),
-                        n_cohorts=int(d.get("n_cohorts", 10)))
+            return BOIN(target=float(_get(d, "target", where, (int, float), 0.3)),
+                        cohort_size=count("cohort_size", 3, 100), n_cohorts=count("n_cohorts", 10, 1000))
         if d["name"] == "crm":
-            return CRM(skeleton=tuple(d["skeleton"]), target=float(d.get("target", 0.3)),
-                       cohort_size=int(d.get("cohort_size", 3)), n_cohorts=int(d.get("n_cohorts", 10)))
-    except KeyError as e:
-        raise ProtocolError(f"{where}: missing key {e.args[0]!r}") from None
+            return CRM(skeleton=_numbers(d, "skeleton", where, required=True),
+                       target=float(_get(d, "target", where, (int, float), 0.3)),
+                       cohort_size=count("cohort_size", 3, 100), n_cohorts=count("n_cohorts", 10, 1000))
     except (TypeError, ValueError) as e:
+        if isinstance(e, ProtocolError):
+            raise
         raise ProtocolError(f"{where}: {e}") from None
+    count("n_patients", 20, 100_000)
     return None  # single-arm: no escalation
+
+
+def _counted(d: dict, key: str, where: str, default: int, high: int) -> int:
+    value = _get(d, key, where, int, default)
+    low = 0 if key == "accelerated_doses" else 1
+    _in_range(f"{where}: {key}", value, (low, high, ""), "a whole number")
+    return value
 
 
 def _single_arm(pool: np.ndarray, n_patients: int, n_trials: int, rng) -> dict:

@@ -59,7 +59,7 @@ class Schedule:
     def __post_init__(self):
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         object.__setattr__(self, "days", tuple(float(d) for d in self.days))
-        dosing.split(1.0, self.fractions, self.days)  # same checks, same messages as carkin.split
+        dosing.split(1e6, self.fractions, self.days)  # same checks, same messages as carkin.split
         if self.hold is not None and len(self.fractions) < 2:
             raise ValueError(f"schedule {self.name!r}: a hold rule needs at least two fractions")
 
