@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from carkin.cli import write_netcdf
+from carkin.outputs import Outputs
 from carkin.plots import plot_dose_response, plot_endpoints, whatif_table
 from carkin.protocol import comparable_check, read_protocol, simulate_protocol
 from carkin.whatif import summarize
@@ -92,7 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out", help="output folder (default %(default)s)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    names = ("cd7_escalation.nc", "cd7_escalation_summary.csv", "cd7_escalation_split_vs_single.csv",
+             "cd7_escalation_dose_exposure.png", "cd7_escalation_dose_response.png")
+    # The main job owns its output files and refreshes them on every run; they are replaced as one set
+    # only when all are written, so an interrupted run leaves the previous results intact.
+    outputs = Outputs([out / n for n in names], overwrite=True, what="main job outputs")
     t_start = time.perf_counter()
 
     protocol = read_protocol(PROTOCOL)
@@ -166,16 +170,17 @@ def main(argv=None) -> int:
           "other doses and products (data/evidence/README.md).")
 
     t0 = time.perf_counter()
-    write_netcdf(ds, out / "cd7_escalation.nc")
-    table.to_csv(out / "cd7_escalation_summary.csv", index=False)
-    diff.to_csv(out / "cd7_escalation_split_vs_single.csv", index=False)
-    plot_endpoints(whatif_table(ds), ["cmax", "auc_0_28", "nadir"], path=out / "cd7_escalation_dose_exposure.png",
-                   title=f"{protocol.id}: dose-exposure (median and 5-95th percentile over patients and draws)")
     published = [{"dose_per_kg": c["dose_per_kg"], "p": c["published_events"] / c["published_n"],
                   "low": c["interval_low"], "high": c["interval_high"]} for c in checks]
-    plot_dose_response(ds, path=out / "cd7_escalation_dose_response.png", published=published,
-                       title=f"{protocol.id}: dose-response (band: 90% over calibration draws; "
-                             "points: published arms, 95% CI)")
+    with outputs:
+        ds.to_netcdf(outputs.temp(out / names[0]), engine="h5netcdf")
+        table.to_csv(outputs.temp(out / names[1]), index=False)
+        diff.to_csv(outputs.temp(out / names[2]), index=False)
+        plot_endpoints(whatif_table(ds), ["cmax", "auc_0_28", "nadir"], path=outputs.temp(out / names[3]),
+                       title=f"{protocol.id}: dose-exposure (median and 5-95th percentile over patients and draws)")
+        plot_dose_response(ds, path=outputs.temp(out / names[4]), published=published,
+                           title=f"{protocol.id}: dose-response (band: 90% over calibration draws; "
+                                 "points: published arms, 95% CI)")
     t_write = time.perf_counter() - t0
     print()
     print(f"wrote {out}/: cd7_escalation.nc, cd7_escalation_summary.csv, cd7_escalation_split_vs_single.csv, "

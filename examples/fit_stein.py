@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck.save_fit(tree, out / "fit.nc")
+    ck.save_fit(tree, out / "fit.nc", overwrite=True)
     table.to_csv(out / "parameters.csv", index=False)
     curves = individual_curves(tree, subjects=[str(i) for i in data.ids[:16]], n_draws=100)
     paths = save_fit_plots(tree, out, curves=curves, vpc_df=vpc(tree, n_replicates=a.vpc_replicates, seed=a.seed))

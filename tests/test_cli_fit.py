@@ -33,12 +33,21 @@ def test_fit_then_vpc_write_their_files(tmp_path, capsys):
     tree = ck.load_fit(out / "fit.nc")
     assert tree.attrs["history"].startswith("carkin fit")
 
-    (out / "vpc.png").unlink()
-    code, stdout, err = run(capsys, "vpc", str(out), "--n-replicates", "20")
+    code, _, err = run(capsys, "vpc", str(out), "--n-replicates", "1000000000000")  # refused before any work
+    assert code == 2 and "GB of memory" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run(capsys, "vpc", str(out), "--n-replicates", "20")  # the fit wrote vpc.png: refused ...
+    assert code == 2 and "--overwrite" in err and "vpc.png" in err, err
+    code, stdout, err = run(capsys, "vpc", str(out), "--n-replicates", "20", "--overwrite")  # ... unless asked
     assert code == 0, err
     assert (out / "vpc.png").stat().st_size > 0
     vpc = pd.read_csv(out / "vpc.csv")
     assert set(vpc["statistic"]) == {"p05", "p50", "p95", "frac_blq"}
+
+    # A new fit over the folder replaces the whole set: no plot or VPC of the earlier fit stays beside it.
+    code, _, err = run(capsys, "fit", str(tmp_path / "small.csv"), "--model", "stein_2019", "--out", str(out),
+                       "--method", "svi", "--svi-steps", "50", "--quiet", "--no-plots", "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["fit.nc", "parameters.csv"]
 
 
 def test_bad_data_lists_every_problem_and_exits_2(tmp_path, capsys):

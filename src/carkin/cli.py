@@ -43,6 +43,26 @@ class _Parser(argparse.ArgumentParser):
 # --- small parsing helpers -------------------------------------------------------------------
 
 
+def _seed(text: str) -> int:
+    """--seed: a whole number the random generators take."""
+    from carkin.guards import check_seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    try:
+        return check_seed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (without it, a run whose outputs exist is refused before "
+                        "any work)")
+
+
 def _numbers(text: str, what: str, *, positive: bool = False, nonnegative: bool = False) -> list[float]:
     items = [x.strip() for x in str(text).split(",")]
     if not items or any(x == "" for x in items):
@@ -82,14 +102,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     def line(r):
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
-def write_netcdf(ds, path) -> str:
-    """Write ``ds`` to ``path`` as netCDF4 (h5netcdf), creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(path, engine="h5netcdf")
-    return str(path)
 
 
 # --- subcommands --------------------------------------------------------------------------------
@@ -186,16 +198,21 @@ def _cmd_simulate(args) -> int:
         raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
     if args.weight is not None and not (math.isfinite(args.weight) and args.weight > 0):
         raise CliError(f"--weight must be a positive number of kg, got {args.weight:g}")
-    out = None
+    out = outputs = None
+    model = _load(args.model, args.product_type)
+    regimens = _regimens(args)
+    times = parse_times(args.times)
+    _check_size(args.n_subjects or 1, len(regimens), times.size, len(model.observables))
     if args.out is not None:
         out = Path(args.out)
         if out.suffix != ".nc":
             raise CliError(f"--out must name a netCDF file ending in .nc, got {args.out!r}")
         if out.exists() and out.is_dir():
             raise CliError(f"--out {args.out!r} is a directory; give a file name ending in .nc")
-    model = _load(args.model, args.product_type)
-    regimens = _regimens(args)
-    times = parse_times(args.times)
+        stem = out.with_suffix("")
+        csv = stem.parent / f"{stem.name}_nca.csv"
+        png = stem.parent / f"{stem.name}.png"
+        outputs = _outputs(args, [out, csv, png], "simulation outputs")
     variable = "car_copies" if any(o.name == "car_copies" for o in model.observables) else model.observables[0].name
 
     t0 = time.perf_counter()
@@ -220,13 +237,10 @@ def _cmd_simulate(args) -> int:
     if out is not None:
         from carkin.plots import plot_panel
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stem = out.with_suffix("")
-        csv = stem.parent / f"{stem.name}_nca.csv"
-        png = stem.parent / f"{stem.name}.png"
-        write_netcdf(ds, out)
-        df.to_csv(csv, index=False)
-        plot_panel(ds, path=png)
+        with outputs:
+            ds.to_netcdf(outputs.temp(out), engine="h5netcdf")
+            df.to_csv(outputs.temp(csv), index=False)
+            plot_panel(ds, path=outputs.temp(png))
         print(f"wrote {out}, {csv}, {png}")
     return 0
 
@@ -239,10 +253,13 @@ def _cmd_nca(args) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"no such file: {args.file}")
-    try:
-        df = pd.read_csv(path)
+    try:  # missing values as the dataset reader takes them: empty, NONMEM's '.' or NA
+        df = pd.read_csv(path, na_values=[".", "NA"], keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise CliError(f"cannot read {args.file} as CSV: {e}") from None
+    df = _nonmem_frame(df)
+    for opt in ("id", "time", "dv", "blq", "lloq_col"):  # NONMEM ignores the case of column names
+        setattr(args, opt, _column_named(df, getattr(args, opt)))
     wanted = {"--id": args.id, "--time": args.time, "--dv": args.dv, "--blq": args.blq, "--lloq-col": args.lloq_col}
     missing = [f"{opt} {col!r}" for opt, col in wanted.items() if col is not None and col not in df.columns]
     if missing:
@@ -262,6 +279,7 @@ def _cmd_nca(args) -> int:
                            f"got {args.lambda_z_window!r}")
     if args.min_span_ratio is not None and not (math.isfinite(args.min_span_ratio) and args.min_span_ratio >= 0):
         raise CliError(f"--min-span-ratio must be a finite number >= 0 (0: no rule), got {args.min_span_ratio:g}")
+    outputs = _outputs(args, [args.out], "NCA table") if args.out else None
     res = nca_long(df, id_col=args.id, time_col=args.time, dv_col=args.dv, blq_col=args.blq,
                    lloq_col=args.lloq_col, lloq=args.lloq, method=args.method, partial_end=args.partial_end,
                    lambda_z_window=window, min_span_ratio=args.min_span_ratio,
@@ -270,15 +288,83 @@ def _cmd_nca(args) -> int:
     rows = [[str(r[c]) if c == args.id else _fmt(r[c]) for c in header] for _, r in res.iterrows()]
     print(f"NCA of {args.dv} vs {args.time} (days), {len(res)} profile(s), method {args.method}")
     print(_table(rows, header))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        res.to_csv(out, index=False)
-        print(f"wrote {out}")
+    if outputs is not None:
+        with outputs:
+            res.to_csv(outputs.temp(args.out), index=False)
+        print(f"wrote {args.out}")
     return 0
 
 
+def _column_named(df, name):
+    """``name`` as the file spells it when only the letter case differs (None stays None)."""
+    if name is None or name in df.columns:
+        return name
+    match = [c for c in df.columns if str(c).upper() == name.upper()]
+    return match[0] if len(match) == 1 else name
+
+
+def _nonmem_frame(df):
+    """Records flagged in a C column dropped (NONMEM's IGNORE=C), and only observation records (EVID 0 or
+    no EVID, MDV 0 or no MDV) kept, so a NONMEM dataset can be given to NCA as it is."""
+    import pandas as pd
+
+    cols = {str(c).upper(): c for c in df.columns}
+    if "C" in cols:
+        flag = df[cols["C"]]
+        df = df[flag.isna() | (flag.astype(str).str.strip().isin(["", "0", "0.0"]))]
+    for item in ("EVID", "MDV"):  # dose records and records without an observation
+        if item in cols:
+            df = df[pd.to_numeric(df[cols[item]], errors="coerce").fillna(0) == 0]
+    return df.reset_index(drop=True)
+
+
 FIT_FILE = "fit.nc"
+FIT_PLOTS = ("individual_fits.png", "gof.png", "vpc.png")  # what carkin.fitplots.save_fit_plots writes
+
+
+def _outputs(args, paths, what: str, manifest: bool | str = False):
+    """A command's output set, checked (writable, not already there unless --overwrite) before any work."""
+    from carkin.outputs import OutputError, Outputs
+
+    try:
+        return Outputs(paths, overwrite=getattr(args, "overwrite", False), what=what, manifest=manifest)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+
+
+def _check_size(n_subjects: int, n_regimens: int, n_times: int, n_series: int, what: str = "simulation") -> None:
+    """Refuse a run whose outputs would not fit in memory, before it starts."""
+    from carkin.guards import check_memory
+
+    try:
+        check_memory(8 * float(n_subjects) * n_regimens * n_times * n_series, what,
+                     "use fewer subjects or times, or stream a large population to disk with "
+                     "carkin.stream.simulate_to_netcdf")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _check_trial_size(protocol, args) -> None:
+    n = args.n_subjects or protocol.n_subjects
+    draws = max(1, args.calibration_draws)
+    _check_size(n * draws, len(protocol.doses), int(max(90, *protocol.sampling_days)) + 1, 4, what="trial simulation")
+    n_trials = args.n_trials or protocol.design.get("n_trials", 1000)
+    from carkin.protocol import MAX_TRIALS
+
+    if n_trials > MAX_TRIALS:
+        raise CliError(f"--n-trials {n_trials} is above the limit of {MAX_TRIALS:,} simulated trials (the Monte Carlo "
+                       "error of the operating characteristics is then below 0.1 percentage point); give fewer")
+
+
+def _check_sampler(tree) -> None:
+    """A chain that never moved makes every summary meaningless: refuse before writing anything."""
+    from carkin.inference import stuck_chains
+
+    stuck = stuck_chains(tree)
+    if stuck:
+        raise CliError(f"NUTS chain(s) {stuck} did not move (every draw the same): the sampler is stuck, nothing was "
+                       "written. Try --method svi first, fix fewer parameters with --fix, or more --warmup; check the "
+                       "data's units and the model against the data")
 
 
 def _assignments(items, what: str) -> dict:
@@ -319,6 +405,8 @@ def _cmd_fit(args) -> int:
         warnings.simplefilter("always")
         data = ck.read_dataset(data_path)
     _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
+    plots = [] if args.no_plots else [out / name for name in FIT_PLOTS]
+    outputs = _outputs(args, [out / FIT_FILE, out / "parameters.csv", *plots], "fit outputs", manifest=True)
     model = _load(args.model, args.product_type)
     error = args.error
     if error and "=" in error:
@@ -338,10 +426,13 @@ def _cmd_fit(args) -> int:
     _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
     elapsed = time.perf_counter() - t0
     tree.attrs["history"] = "carkin fit " + " ".join(args.argv)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_file = ck.save_fit(tree, out / FIT_FILE)
+    _check_sampler(tree)  # a stuck chain is reported before anything is written
+    fit_file = str(out / FIT_FILE)
     table = parameter_table(tree)
-    table.to_csv(out / "parameters.csv", index=False)
+    with outputs:
+        tree.to_netcdf(outputs.temp(fit_file), engine="h5netcdf")
+        table.to_csv(outputs.temp(out / "parameters.csv"), index=False)
+        paths = [] if args.no_plots else save_fit_plots(tree, out, outputs=outputs)
     cols = [c for c in table.columns if c not in ("units", "description")]
     rows = [[str(r["parameter"])] + [_fmt(r[c]) for c in cols[1:]] for _, r in table.iterrows()]
     print(f"done in {elapsed:.1f} s")
@@ -355,7 +446,6 @@ def _cmd_fit(args) -> int:
         bad_k = int((elpd.pareto_k.values > elpd.good_k).sum())
         note = f"; {bad_k} observation(s) with Pareto k > {elpd.good_k:.2f} (LOO unreliable there)" if bad_k else ""
         print(f"PSIS-LOO: elpd_loo {elpd.elpd:.1f} (SE {elpd.se:.1f}), p_loo {elpd.p:.1f}{note}")
-    paths = [] if args.no_plots else save_fit_plots(tree, out)
     print(f"wrote {fit_file}, {out / 'parameters.csv'}" + "".join(f", {p}" for p in paths))
     return 0
 
@@ -372,10 +462,13 @@ def _cmd_vpc(args) -> int:
     if args.n_replicates < 1:
         raise CliError(f"--n-replicates must be >= 1, got {args.n_replicates}")
     tree = ck.load_fit(path)
-    table = vpc(tree, n_replicates=args.n_replicates, seed=args.seed)
+    _check_size(args.n_replicates * max(1, tree["observed_data"].sizes.get("obs", 1)), 1, 1, 1, what="VPC replicates")
     out = path.parent
-    table.to_csv(out / "vpc.csv", index=False)
-    plot_vpc(table).savefig(out / "vpc.png", dpi=120)
+    outputs = _outputs(args, [out / "vpc.csv", out / "vpc.png"], "VPC outputs", manifest="add")
+    table = vpc(tree, n_replicates=args.n_replicates, seed=args.seed)
+    with outputs:
+        table.to_csv(outputs.temp(out / "vpc.csv"), index=False)
+        plot_vpc(table).savefig(outputs.temp(out / "vpc.png"), dpi=120)
     print(f"VPC of {tree.attrs['model']} fit ({args.n_replicates} replicates of the study): wrote {out / 'vpc.csv'}, "
           f"{out / 'vpc.png'}")
     return 0
@@ -403,6 +496,12 @@ def _cmd_whatif(args) -> int:
     if args.calibration_draws and args.posterior is not None:
         raise CliError("give --posterior (a fit) or --calibration-draws, not both")
     out = Path(args.out)
+    model = protocol.load_model()
+    n_draws = args.calibration_draws or (args.n_draws if args.posterior else 1)
+    _check_size((args.n_subjects or protocol.n_subjects) * n_draws * len(protocol.compare), len(protocol.doses),
+                int(max(90, *protocol.sampling_days, *protocol.marrow_days)) + 1, len(model.states) + 2)
+    outputs = _outputs(args, [out / n for n in ("whatif.nc", "whatif_summary.csv", "dose_exposure.png",
+                                                "dose_response.png")], "what-if outputs", manifest=True)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ck.SimulationWarning)
@@ -438,13 +537,13 @@ def _cmd_whatif(args) -> int:
           "probabilities as population fractions")
     print(_table(rows, header))
     _print_comparable(protocol, ds)
-    out.mkdir(parents=True, exist_ok=True)
-    write_netcdf(ds, out / "whatif.nc")
-    table.to_csv(out / "whatif_summary.csv", index=False)
     metrics = [m for m in ("cmax", "auc_0_28", "nadir") if m in ds]
-    plot_endpoints(whatif_table(ds), metrics, path=out / "dose_exposure.png",
-                   title=f"{protocol.id}: dose-exposure (median, 5-95th percentile)")
-    plot_dose_response(ds, path=out / "dose_response.png", title=f"{protocol.id}: dose-response")
+    with outputs:
+        ds.to_netcdf(outputs.temp(out / "whatif.nc"), engine="h5netcdf")
+        table.to_csv(outputs.temp(out / "whatif_summary.csv"), index=False)
+        plot_endpoints(whatif_table(ds), metrics, path=outputs.temp(out / "dose_exposure.png"),
+                       title=f"{protocol.id}: dose-exposure (median, 5-95th percentile)")
+        plot_dose_response(ds, path=outputs.temp(out / "dose_response.png"), title=f"{protocol.id}: dose-response")
     print(f"wrote {out / 'whatif.nc'}, {out / 'whatif_summary.csv'}, {out / 'dose_exposure.png'}, "
           f"{out / 'dose_response.png'}")
     return 0
@@ -537,6 +636,10 @@ def _cmd_trial(args) -> int:
             raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
     if args.calibration_draws < 0:
         raise CliError(f"--calibration-draws must be >= 0, got {args.calibration_draws}")
+    _check_trial_size(protocol, args)
+    out = Path(args.out)
+    outputs = _outputs(args, [out / n for n in ("trial.nc", "operating_characteristics.json", "trial_summary.csv",
+                                                "trial_patients.csv", "trial.png")], "trial outputs", manifest=True)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ck.SimulationWarning)
@@ -544,10 +647,6 @@ def _cmd_trial(args) -> int:
                                     calibration_draws=args.calibration_draws)
     _print_warnings(caught)
     ds.attrs["history"] = "carkin trial " + " ".join(args.argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_netcdf(ds, out / "trial.nc")
-    (out / "operating_characteristics.json").write_text(json.dumps(oc, indent=1))
     rows = []
     pop_cmax = ds["population_cmax"].median("subject").values
     for k, dose in enumerate(protocol.doses):
@@ -560,10 +659,13 @@ def _cmd_trial(args) -> int:
                        expected_dlt=oc["expected_dlt_per_dose"][k])
         rows.append(row)
     summary = pd.DataFrame(rows)
-    summary.to_csv(out / "trial_summary.csv", index=False)
     patient_cols = [k for k in ds.data_vars if k.startswith("patient_") and ds[k].dims == ("patient",)]
-    ds[patient_cols].to_dataframe().to_csv(out / "trial_patients.csv")
-    plot_trial(ds, oc, path=out / "trial.png", title=f"{protocol.id}: {oc['design']}")
+    with outputs:
+        ds.to_netcdf(outputs.temp(out / "trial.nc"), engine="h5netcdf")
+        outputs.temp(out / "operating_characteristics.json").write_text(json.dumps(oc, indent=1))
+        summary.to_csv(outputs.temp(out / "trial_summary.csv"), index=False)
+        ds[patient_cols].to_dataframe().to_csv(outputs.temp(out / "trial_patients.csv"))
+        plot_trial(ds, oc, path=outputs.temp(out / "trial.png"), title=f"{protocol.id}: {oc['design']}")
     print(f"{protocol.id}: {protocol.title}")
     print(f"design {oc['design']}" + (f" ({oc['variant']})" if oc.get("variant") else "")
           + f"; {oc['n_trials']} simulated trials; DLT link: {protocol.dlt.name}; in {time.perf_counter() - t0:.1f} s")
@@ -594,6 +696,7 @@ def _cmd_qualify(args) -> int:
         raise CliError(f"unknown model {args.model!r}; available models: {', '.join(list_models())}")
     if args.n_subjects is not None and args.n_subjects < 1:
         raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
+    outputs = _outputs(args, [args.out], "qualification table") if args.out else None
     frames, unexpected = [], 0
     for name in names:
         t0 = time.perf_counter()
@@ -611,10 +714,9 @@ def _cmd_qualify(args) -> int:
     if args.out:
         import pandas as pd
 
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pd.concat(frames).to_csv(out, index=False)
-        print(f"wrote {out}")
+        with outputs:
+            pd.concat(frames).to_csv(outputs.temp(args.out), index=False)
+        print(f"wrote {args.out}")
     if unexpected:
         print(f"{unexpected} line(s) disagree with their claim's mark (an unmarked failure or a marked row that "
               "passes)")
@@ -672,13 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="body weight in kg (default: the model's, 60 kg typical or sampled for a population)")
     p.add_argument("--times", default=DEFAULT_TIMES, metavar="GRID",
                    help="output times in days: start:stop:step or a comma list (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed of the virtual population (default 0)")
     p.add_argument("--product-type", metavar="TYPE",
                    help="product type, for models that have one (cd7_cart: naturally_selected, knockout, pebl, "
                         "unedited)")
     p.add_argument("--out", metavar="FILE.nc",
                    help="write FILE.nc, FILE_nca.csv and FILE.png (parent folders are created); "
                         "without it only the summary is printed")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser(
@@ -715,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contraction-end", type=float, default=28.0, metavar="DAY",
                    help="last day of the contraction-phase fit after Tmax (default %(default)s)")
     p.add_argument("--out", metavar="RESULT.csv", help="also write the results to this CSV")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_nca)
 
     p = sub.add_parser(
@@ -733,13 +837,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA.csv", help="NONMEM-style CSV (a sidecar DATA.toml beside it is read)")
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'carkin models')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    _add_overwrite(p)
     p.add_argument("--method", choices=("nuts", "svi"), default="nuts",
                    help="nuts: full posterior (default); svi: quick variational approximation")
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default %(default)s)")
     p.add_argument("--warmup", type=int, default=500, help="NUTS warmup iterations per chain (default %(default)s)")
     p.add_argument("--samples", type=int, default=500, help="NUTS draws per chain (default %(default)s)")
     p.add_argument("--svi-steps", type=int, default=3000, help="SVI optimisation steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
     p.add_argument("--estimate", metavar="P1,P2,...",
                    help="parameters to estimate (default: all not fixed); the rest stay at the model's values")
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
@@ -760,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fit_dir", metavar="DIR", help=f"the --out folder of 'carkin fit' (or its {FIT_FILE})")
     p.add_argument("--n-replicates", type=int, default=200, help="simulated replicates of the study "
                    "(default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_vpc)
 
     p = sub.add_parser(
@@ -775,8 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("protocol", metavar="PROTOCOL.toml", help="protocol file (see examples/protocols/)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    _add_overwrite(p)
     p.add_argument("--n-subjects", type=int, metavar="N", help="virtual patients (default: the protocol's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
     p.add_argument("--posterior", metavar="FIT", help="a 'carkin fit' folder or fit.nc of the protocol's model: "
                    "parameters from posterior draws, so their uncertainty propagates")
     p.add_argument("--n-draws", type=int, default=20, help="posterior draws with --posterior (default %(default)s)")
@@ -804,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("protocol", nargs="?", metavar="PROTOCOL.toml", help="protocol file (see examples/protocols/)")
     p.add_argument("--out", metavar="DIR", help="output folder (protocol mode)")
+    _add_overwrite(p)
     p.add_argument("--n-subjects", type=int, metavar="N",
                    help="virtual patients per dose level (default: the protocol's)")
     p.add_argument("--design", choices=("3+3", "boin", "crm"), help="design-only mode: the escalation design")
@@ -817,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skeleton", metavar="S1,S2,...", help="crm: prior DLT probabilities per dose")
     p.add_argument("--exact", action="store_true", help="exact operating characteristics (3+3, enumerating paths)")
     p.add_argument("--n-trials", type=int, metavar="N", help="simulated trials (Monte Carlo)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="design-only mode: print the result as JSON")
     p.add_argument("--calibration-draws", type=int, default=0, metavar="D",
                    help="protocol mode: run the trials over D calibration draws (each trial in one draw), so "
@@ -837,8 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every library model with claims")
     p.add_argument("--n-subjects", type=int, default=None, metavar="N",
                    help="virtual patients per design (default: as the calibration)")
-    p.add_argument("--seed", type=int, default=None, help="virtual-population seed (default: as the calibration)")
+    p.add_argument("--seed", type=_seed, default=None, help="virtual-population seed (default: as the calibration)")
     p.add_argument("--out", metavar="FILE.csv", help="also write the table as CSV")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_qualify)
     return parser
 
@@ -887,6 +996,10 @@ def main(argv=None) -> int:
         return args.func(args)
     # User input errors surface as these types from carkin (ValueError for bad values, KeyError
     # for unknown names, OSError for files); anything else is a bug and keeps its traceback.
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output file was changed (outputs are replaced only when complete)",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         from carkin.data import DatasetError
         from carkin.inference import FitError

@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 
 from carkin import diagnostics
 from carkin.observation import PREDICTION_FLOOR
+from carkin.outputs import save_figure
 from carkin.plots import DPI, MAX_DECADES, _clip_log_limits, _wrap
 
 __all__ = ["plot_gof", "plot_individual_fits", "plot_vpc", "save_fit_plots"]
@@ -424,12 +425,16 @@ def _vpc_legend(with_blq: bool):
 
 
 def save_fit_plots(tree: xr.DataTree, out_dir, curves: xr.Dataset | None = None,
-                   vpc_df: pd.DataFrame | None = None, max_subjects: int = 16) -> list[str]:
+                   vpc_df: pd.DataFrame | None = None, max_subjects: int = 16, outputs=None,
+                   overwrite: bool = True) -> list[str]:
     """Write ``individual_fits.png``, ``gof.png`` and ``vpc.png`` into ``out_dir``; returns their paths.
 
     ``curves`` and ``vpc_df`` are computed with ``carkin.diagnostics`` when not given (the
-    first ``max_subjects`` subjects for the individual fits).
+    first ``max_subjects`` subjects for the individual fits). The plots are written as one set
+    (carkin.outputs); with ``outputs`` (an open carkin.outputs.Outputs) they join that set.
     """
+    from carkin.outputs import Outputs
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if curves is None:
@@ -442,11 +447,15 @@ def save_fit_plots(tree: xr.DataTree, out_dir, curves: xr.Dataset | None = None,
         "gof.png": plot_gof(tree),
         "vpc.png": plot_vpc(vpc_df, labels=_long_names(tree)),
     }
+    own = outputs is None
+    if own:
+        outputs = Outputs([out / f for f in figures], overwrite=overwrite, what="fit plots")
     paths = []
     for filename, fig in figures.items():
-        path = out / filename
-        fig.savefig(path, dpi=DPI)
-        paths.append(str(path))
+        fig.savefig(outputs.temp(out / filename), dpi=DPI)
+        paths.append(str(out / filename))
+    if own:
+        outputs.commit()
     return paths
 
 
@@ -477,5 +486,5 @@ def plot_sbc_ranks(sbc, bins: int = 10, path=None) -> Figure:
     fig.supylabel("datasets")
     fig.suptitle(f"Simulation-based calibration: {n} prior-simulated datasets (grey: 99% band if uniform)")
     if path is not None:
-        fig.savefig(path, dpi=DPI)
+        save_figure(fig, path, DPI)
     return fig

@@ -27,6 +27,7 @@ import xarray as xr
 
 from carkin import observation
 from carkin.data import StudyData
+from carkin.guards import check_memory, check_seed
 from carkin.kinetics import Model
 from carkin.observation import ErrorModel
 from carkin.population import CovariateEffect, effect_columns, from_unconstrained, to_unconstrained
@@ -50,6 +51,9 @@ SVI_DRIFT_MAX = 0.01  # relative change of the loss over the last tenth of the s
 
 class FitWarning(UserWarning):
     """A sampler diagnostic is off (divergences, R-hat, ESS, tree depth)."""
+
+
+FIT_ARRAYS_PER_OBS = 4  # log-likelihood, predictions, posterior predictive, residuals: one value per draw each
 
 
 class FitError(RuntimeError):
@@ -506,6 +510,13 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                     ("svi_draws", svi_draws)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    n_draws = int(svi_draws) if method == "svi" else int(chains) * int(samples)
+    # The DataTree keeps per-draw, per-observation arrays (log-likelihood, predictions, replicates) and
+    # per-draw, per-subject random effects: refuse a fit whose results cannot fit in memory before it runs.
+    check_memory(8.0 * n_draws * (FIT_ARRAYS_PER_OBS * data.n_obs + len(model.parameters) * data.n_subjects),
+                 f"a fit with {n_draws:,} draws of {data.n_obs:,} observations",
+                 "draw fewer samples (--samples / svi_draws), or fit a subset of the subjects")
+    check_seed(seed)
     problem = make_problem(model, data, estimate=estimate, fixed=fixed, variability=variability,
                            covariate_effects=covariate_effects, error=error, priors=priors, centred=centred)
     key = jax.random.PRNGKey(seed)
@@ -751,12 +762,29 @@ def population_sites(tree: xr.DataTree) -> list[str]:
     return [k for k, v in post.data_vars.items() if v.dims == ("chain", "draw")]
 
 
+def stuck_chains(tree: xr.DataTree) -> list[int]:
+    """Chains whose population draws never changed (a sampler that could not move at all)."""
+    settings = json.loads(tree.attrs.get("settings", "{}"))
+    if settings.get("method") != "nuts":
+        return []
+    post = tree["posterior"].to_dataset()[population_sites(tree)]
+    if not post.data_vars:
+        return []
+    moved = sum((v.max("draw") > v.min("draw")).astype(int) for v in post.data_vars.values())
+    return [int(c) for c in post["chain"].values[np.asarray(moved) == 0]]
+
+
 def convergence_report(tree: xr.DataTree) -> list[str]:
     """Sampler problems in plain words, each with what to try. Empty when all is well."""
     settings = json.loads(tree.attrs.get("settings", "{}"))
     if settings.get("method") != "nuts":
         return []
+    stuck = stuck_chains(tree)
     messages = []
+    if stuck:  # R-hat and ESS are undefined for a chain that never moved: judged on the others below
+        messages.append(f"chain(s) {stuck} never moved (every draw the same): the sampler is stuck and the fit is "
+                        "not usable. Try method='svi' first, fix parameters the data cannot identify, or more "
+                        "warmup; check the data's units against the model.")
     stats = tree["sample_stats"].to_dataset()
     n_div = int(stats["diverging"].sum())
     total = stats["diverging"].size
@@ -774,7 +802,10 @@ def convergence_report(tree: xr.DataTree) -> list[str]:
             "correlated parameters.")
     sites = population_sites(tree)
     post = tree["posterior"].to_dataset()[sites]
+    post = post.sel(chain=[c for c in post["chain"].values if int(c) not in stuck])
     chains = post.sizes["chain"]
+    if chains == 0:
+        return messages
     if chains > 1:
         rhat = _rhat(post)
         high = {k: v for k, v in rhat.items() if not v <= RHAT_MAX}
@@ -807,10 +838,12 @@ def _ess(post: xr.Dataset, method: str = "bulk") -> dict:
     return {k: float(e[k]) for k in e.data_vars}
 
 
-def save_fit(tree: xr.DataTree, path) -> str:
-    """Write a fit to netCDF (one file, all groups)."""
-    tree.to_netcdf(path, engine="h5netcdf")
-    return str(path)
+def save_fit(tree: xr.DataTree, path, *, overwrite: bool = False) -> str:
+    """Write a fit to netCDF (one file, all groups), atomically; an existing file is replaced only with
+    ``overwrite=True``."""
+    from carkin.outputs import write_netcdf
+
+    return write_netcdf(tree, path, overwrite=overwrite)
 
 
 def load_fit(path) -> xr.DataTree:

@@ -12,7 +12,6 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from carkin.outputs import save_figure
 
 __all__ = ["plot_endpoints", "plot_panel", "plot_profiles", "regimen_info"]
 
@@ -333,9 +334,7 @@ def plot_panel(
     pop = ds.attrs.get("population", "")
     fig.suptitle(title or " — ".join(x for x in (model, pop) if x), fontsize="large")
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi)
     return fig
 
 
@@ -485,9 +484,7 @@ def plot_endpoints(
     note = f"median and {interval[0]}-{interval[1]}th percentile" if many else "typical subject"
     fig.suptitle(title or f"Dose-exposure ({note})", fontsize="large")
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi)
     return fig
 
 
@@ -544,7 +541,7 @@ def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str 
     band = " (band: 90% interval over draws)" if "draw" in ds.dims else ""
     fig.suptitle(title or f"Dose-response, population fraction{band}", fontsize="large")
     if path is not None:
-        fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi)
     return fig
 
 
@@ -591,5 +588,5 @@ def plot_trial(patients: xr.Dataset, oc: dict, *, path=None, dpi: int = DPI, tit
                    family="monospace", fontsize="small", va="center")
     fig.suptitle(title or f"{oc.get('protocol', '')}: {oc.get('design', '')}", fontsize="large")
     if path is not None:
-        fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi)
     return fig

@@ -17,8 +17,10 @@ import numpy as np
 import xarray as xr
 
 from carkin import dosing, population
+from carkin.guards import check_memory, check_seed
 from carkin.kinetics import Model
-from carkin.solve import solve_subject
+from carkin.solve import check_tolerances, solve_subject
+from carkin.strict import UNIT_RANGES
 
 # Chunks of 256 subjects keep the solver's working set in cache: measured fastest on
 # a 2-core Xeon (benchmarks/README.md). Smaller populations round up to a power of
@@ -27,6 +29,7 @@ DEFAULT_CHUNK = 256
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 MIN_PER_DEVICE = 32  # below this many subjects per device, one device is quicker
 PROGRESS_MIN_SUBJECTS = 20_000
+MAX_TIMES = 100_000  # output times per subject: a century of daily values, or a year hour by hour ten times over
 
 
 class SimulationWarning(UserWarning):
@@ -40,11 +43,16 @@ def parse_times(times) -> np.ndarray:
         try:
             if ":" in s:
                 start, stop, step = (float(x) for x in s.split(":"))
-                if step <= 0 or stop < start:
+                if not (step > 0 and stop >= start and np.isfinite([start, stop, step]).all()):
                     raise ValueError
+                if (stop - start) / step + 1 > MAX_TIMES:
+                    raise OverflowError
                 grid = np.arange(start, stop + step / 2, step)
             else:
                 grid = np.array([float(x) for x in s.split(",") if x.strip()])
+        except OverflowError:
+            raise ValueError(f"times {times!r} give more than {MAX_TIMES:,} output times per subject; use a "
+                             "coarser step or a shorter span") from None
         except ValueError:
             raise ValueError(
                 f"cannot read times {times!r}: give 'start:stop:step' with start <= stop and step > 0 "
@@ -57,6 +65,12 @@ def parse_times(times) -> np.ndarray:
         raise ValueError(f"times must be a non-empty list of finite days, got {times!r}")
     if np.any(np.diff(grid) <= 0):
         raise ValueError("times must be strictly increasing")
+    if grid.size > MAX_TIMES:
+        raise ValueError(f"{grid.size:,} output times per subject is more than {MAX_TIMES:,}; give fewer")
+    lo, hi = -3650.0, 36525.0
+    if grid[0] < lo or grid[-1] > hi:
+        raise ValueError(f"times must lie in [{lo:g}, {hi:g}] days after the first infusion (ten years before to a "
+                         f"century after), got {grid[0]:g} to {grid[-1]:g}")
     return grid
 
 
@@ -172,11 +186,21 @@ def simulate(
     if not isinstance(model, Model):
         raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
     regimens, several = dosing.as_regimens(regimen_or_list)
+    check_tolerances(rtol, atol)
     grid = parse_times(times)
     variability = n_subjects is not None
+    if n_subjects is not None and (isinstance(n_subjects, bool) or not float(n_subjects).is_integer()):
+        raise ValueError(f"n_subjects must be a whole number >= 1 (or None for the typical subject), "
+                         f"got {n_subjects!r}")
     n = 1 if n_subjects is None else int(n_subjects)
     if n < 1:
         raise ValueError(f"n_subjects must be >= 1 (or None for the typical subject), got {n_subjects!r}")
+    seed = check_seed(seed)
+    check_memory(8.0 * n * len(regimens) * grid.size * (len(model.observables) + (len(model.states) if include_states
+                                                                                     else 0) + 1),
+                 f"simulating {n:,} subjects x {len(regimens)} regimen(s) x {grid.size:,} times",
+                 "simulate fewer subjects or times, or stream the population to disk with "
+                 "carkin.stream.simulate_to_netcdf")
 
     covariates = dict(covariates or {})
     if weight_kg is not None:
@@ -199,6 +223,10 @@ def simulate(
                     f"covariate {c.name} ({c.description}, {c.unit}): values must be finite and > 0, "
                     f"got {v[~(np.isfinite(v) & (v > 0))][:5]}"
                 )
+            lo, hi = UNIT_RANGES.get(c.unit, (0.0, np.inf))
+            if not np.all((v >= lo) & (v <= hi)):
+                raise ValueError(f"covariate {c.name} ({c.description}): {v[(v < lo) | (v > hi)][:5]} {c.unit} is "
+                                 f"outside the plausible range [{lo:g}, {hi:g}] {c.unit}; check the value and its unit")
             cov_given[:, j], cov_mask[j] = v, True
     par_given = np.zeros((n, len(pnames)))
     par_mask = np.zeros(len(pnames), bool)
