@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/population")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing part files")
     a = ap.parse_args(argv)
 
     if a.auto:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     path = out / f"part-{rank:05d}.nc"
     model = ck.load_model(a.model)
     record = simulate_to_netcdf(model, ck.split(a.dose), path, n, first_subject=first, seed=a.seed,
-                                block_size=a.block_size, progress=rank == 0)
+                                block_size=a.block_size, progress=rank == 0, overwrite=a.overwrite)
     print(f"process {rank}/{size} on {jax.local_device_count()} local device(s): subjects {first}-{first + n - 1} "
           f"in {record['seconds']:.1f} s ({record['subjects_per_s']:.0f}/s) -> {path}")
     return 0

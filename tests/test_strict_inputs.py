@@ -129,11 +129,6 @@ def test_protocol_mistakes_are_refused_when_read(tmp_path, source, old, new, wor
     assert words in str(e.value), str(e.value)
 
 
-def test_unedited_protocol_keeps_its_variant():
-    design = read_protocol(THREE).design
-    assert "variant" in design
-
-
 # --- the Python API ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, words", [
