@@ -390,7 +390,8 @@ def _print_warnings(caught) -> None:
 def _cmd_fit(args) -> int:
     import carkin as ck
     from carkin.diagnostics import parameter_table
-    from carkin.fitplots import save_fit_plots
+    from carkin.fitplots import fit_figures
+    from carkin.plots import DPI
 
     for opt in ("chains", "warmup", "samples", "svi_steps"):
         if getattr(args, opt) < 1:
@@ -429,10 +430,13 @@ def _cmd_fit(args) -> int:
     _check_sampler(tree)  # a stuck chain is reported before anything is written
     fit_file = str(out / FIT_FILE)
     table = parameter_table(tree)
+    figures = {} if args.no_plots else fit_figures(tree)  # computed first: the write phase only writes
     with outputs:
         tree.to_netcdf(outputs.temp(fit_file), engine="h5netcdf")
         table.to_csv(outputs.temp(out / "parameters.csv"), index=False)
-        paths = [] if args.no_plots else save_fit_plots(tree, out, outputs=outputs)
+        for name, fig in figures.items():
+            fig.savefig(outputs.temp(out / name), dpi=DPI)
+    paths = [str(out / name) for name in figures]
     cols = [c for c in table.columns if c not in ("units", "description")]
     rows = [[str(r["parameter"])] + [_fmt(r[c]) for c in cols[1:]] for _, r in table.iterrows()]
     print(f"done in {elapsed:.1f} s")

@@ -424,39 +424,36 @@ def _vpc_legend(with_blq: bool):
 # --- all at once -------------------------------------------------------------------------------------------
 
 
-def save_fit_plots(tree: xr.DataTree, out_dir, curves: xr.Dataset | None = None,
-                   vpc_df: pd.DataFrame | None = None, max_subjects: int = 16, outputs=None,
-                   overwrite: bool = True) -> list[str]:
-    """Write ``individual_fits.png``, ``gof.png`` and ``vpc.png`` into ``out_dir``; returns their paths.
+def fit_figures(tree: xr.DataTree, curves: xr.Dataset | None = None, vpc_df: pd.DataFrame | None = None,
+                max_subjects: int = 16) -> dict:
+    """File name -> Figure for ``individual_fits.png``, ``gof.png`` and ``vpc.png``.
 
     ``curves`` and ``vpc_df`` are computed with ``carkin.diagnostics`` when not given (the
-    first ``max_subjects`` subjects for the individual fits). The plots are written as one set
-    (carkin.outputs); with ``outputs`` (an open carkin.outputs.Outputs) they join that set.
-    """
-    from carkin.outputs import Outputs
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    first ``max_subjects`` subjects for the individual fits)."""
     if curves is None:
         ids = [str(s) for s in tree["constant_data"]["subject"].values[:max_subjects]]
         curves = diagnostics.individual_curves(tree, subjects=ids)
     if vpc_df is None:
         vpc_df = diagnostics.vpc(tree)
-    figures = {
+    return {
         "individual_fits.png": plot_individual_fits(tree, curves, max_subjects=max_subjects),
         "gof.png": plot_gof(tree),
         "vpc.png": plot_vpc(vpc_df, labels=_long_names(tree)),
     }
-    own = outputs is None
-    if own:
-        outputs = Outputs([out / f for f in figures], overwrite=overwrite, what="fit plots")
-    paths = []
-    for filename, fig in figures.items():
-        fig.savefig(outputs.temp(out / filename), dpi=DPI)
-        paths.append(str(out / filename))
-    if own:
-        outputs.commit()
-    return paths
+
+
+def save_fit_plots(tree: xr.DataTree, out_dir, curves: xr.Dataset | None = None,
+                   vpc_df: pd.DataFrame | None = None, max_subjects: int = 16, overwrite: bool = True) -> list[str]:
+    """Write the figures of :func:`fit_figures` into ``out_dir`` as one set (carkin.outputs); returns
+    their paths."""
+    from carkin.outputs import Outputs
+
+    out = Path(out_dir)
+    figures = fit_figures(tree, curves, vpc_df, max_subjects)
+    with Outputs([out / f for f in figures], overwrite=overwrite, what="fit plots") as outputs:
+        for filename, fig in figures.items():
+            fig.savefig(outputs.temp(out / filename), dpi=DPI)
+    return [str(out / f) for f in figures]
 
 
 def plot_sbc_ranks(sbc, bins: int = 10, path=None) -> Figure:

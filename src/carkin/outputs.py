@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,17 +90,23 @@ def _write_json(path: Path, obj) -> None:
 
 @contextmanager
 def _signals_held():
-    """Hold SIGINT and SIGTERM while the renames run, so Ctrl-C cannot stop a commit half-way."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError):  # not the main thread, or no POSIX signals
-        old = None
+    """Defer SIGINT and SIGTERM while the renames run, so Ctrl-C cannot stop a commit half-way.
+
+    Python runs signal handlers in the main thread whichever thread the signal reached (JAX keeps
+    native threads), so the handlers are swapped rather than the signal mask changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:  # delivered now, with the handlers the program had
+            os.kill(os.getpid(), s)
 
 
 class Outputs:
