@@ -27,7 +27,7 @@ import xarray as xr
 
 from carkin import outputs as outputs_module
 from carkin.cli import main
-from carkin.outputs import JOURNAL, PART, recover
+from carkin.outputs import PART, journals, recover
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +79,11 @@ def wait_for(folder: Path, proc: subprocess.Popen, limit: float, marker=writing)
 
 
 def check_after_kill(finals: list[Path], old: dict) -> None:
-    journal = finals[0].parent / JOURNAL
     for p in finals:
         assert p.exists(), f"{p.name}: an earlier output was destroyed"
         assert p.read_bytes() == old[p.name] or readable(p), f"{p.name}: partial file at the final path"
     changed = {p.name for p in finals if p.read_bytes() != old[p.name]}
-    if changed and changed != set(old) and not journal.exists():
+    if changed and changed != set(old) and not journals(finals[0].parent):
         raise AssertionError(f"mixed outputs without a journal: new {sorted(changed)}, old "
                              f"{sorted(set(old) - changed)}")
     recover(finals[0].parent)
@@ -120,7 +119,7 @@ def hammer(code: str, first: list[str], again, finals: list[Path], env: dict, ma
         except subprocess.TimeoutExpired:  # a SIGINT held up in native code: finish it
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        seen["journal"] += (finals[0].parent / JOURNAL).exists()
+        seen["journal"] += bool(journals(finals[0].parent))
         check_after_kill(finals, old)
         seen["replaced" if any(p.read_bytes() != old[p.name] for p in finals) else "kept"] += 1
     return seen
@@ -167,7 +166,7 @@ def fork_and_kill(monkeypatch, finals: list[Path]) -> dict:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             seen["kills"] += 1
-            seen["journal"] += (finals[0].parent / JOURNAL).exists()
+            seen["journal"] += bool(journals(finals[0].parent))
             check_after_kill(finals, original)
             seen["replaced" if any(p.read_bytes() != original[p.name] for p in finals) else "kept"] += 1
         for p in finals:

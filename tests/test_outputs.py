@@ -10,14 +10,14 @@ import xarray as xr
 
 import carkin as ck
 from carkin.cli import main
-from carkin.outputs import JOURNAL, MANIFEST, PART, OutputError, Outputs, recover
+from carkin.outputs import HOST, JOURNAL_PREFIX, MANIFEST, PART, OutputError, Outputs, journals, owner, recover
 from carkin.stream import open_stream, partial_path, simulate_to_netcdf
 
 SIM = ["simulate", "--model", "stein_2019", "--dose", "1e6", "--times", "0:28:7"]
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if PART in p.name or p.name == JOURNAL)
+    return sorted(p.name for p in folder.iterdir() if PART in p.name or p.name.startswith(JOURNAL_PREFIX))
 
 
 def test_existing_outputs_are_refused_unless_overwrite(tmp_path):
@@ -60,23 +60,27 @@ def test_an_interrupted_commit_is_rolled_forward(tmp_path):
         (tmp_path / name).write_text("old")
     temps = {}
     for name in ("a.csv", "b.csv"):
-        temps[name] = tmp_path / f".{name}{PART}999999999-0000.csv"
+        temps[name] = tmp_path / f".{name}{PART}{HOST}~999999999-0000.csv"
         temps[name].write_text("new")
     os.replace(temps["a.csv"], tmp_path / "a.csv")  # the kill came after the first rename
-    (tmp_path / JOURNAL).write_text(json.dumps({"renames": [[str(temps[n]), str(tmp_path / n)] for n in temps],
-                                                "remove": []}))
+    plan = {"renames": [[str(temps[n]), str(tmp_path / n)] for n in temps], "remove": []}
+    (tmp_path / f"{JOURNAL_PREFIX}{HOST}~999999999.json").write_text(json.dumps(plan))
     assert recover(tmp_path) == [str(tmp_path / "b.csv")]
     assert (tmp_path / "a.csv").read_text() == "new" and (tmp_path / "b.csv").read_text() == "new"
     assert leftovers(tmp_path) == []
 
 
 def test_temporary_files_of_dead_runs_are_cleaned(tmp_path):
-    stale = tmp_path / f".x{PART}999999999-abcd.nc"
+    stale = tmp_path / f".x{PART}{HOST}~999999999-abcd.nc"
     stale.write_text("partial")
-    mine = tmp_path / f".y{PART}{os.getpid()}-abcd.nc"
+    mine = tmp_path / f".y{PART}{owner()}-abcd.nc"
     mine.write_text("in progress")
+    elsewhere = tmp_path / f".z{PART}otherhost~999999999-abcd.nc"  # another host's run: its own business
+    elsewhere.write_text("in progress there")
+    (tmp_path / f"{JOURNAL_PREFIX}otherhost~999999999.json").write_text('{"renames": [], "remove": []}')
     recover(tmp_path)
-    assert not stale.exists() and mine.exists()
+    assert not stale.exists() and mine.exists() and elsewhere.exists()
+    assert [j.name for j in journals(tmp_path)] == [f"{JOURNAL_PREFIX}otherhost~999999999.json"]
 
 
 def test_manifest_removes_an_earlier_runs_files(tmp_path):

@@ -3,9 +3,11 @@
 Every output is first written to a hidden temporary name in its final folder
 (``.NAME.carkin-part-PID.EXT``, the same extension so writers that infer the format from
 it still work). Only when every file of a command's set is complete are they renamed into
-place. The renames are recorded first in a small journal (``.carkin-commit.json``), so a
-run killed among them is rolled forward, from complete files, by the next carkin run that
-writes to that folder (or by :func:`recover`). A failed or interrupted run therefore never
+place. The renames are recorded first in a small journal (``.carkin-commit-HOST~PID.json``), so a
+run killed among them is rolled forward, from complete files, by the next carkin run on that
+host that writes to that folder (or by :func:`recover`). Temporary files and journals carry
+their host and process, so runs on several hosts sharing a folder never clean up each
+other's work in progress. A failed or interrupted run therefore never
 leaves a partial file at a final path and never destroys an earlier output.
 
 Policy: an existing output is replaced only when the caller says so (``overwrite=True``,
@@ -21,14 +23,34 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-JOURNAL = ".carkin-commit.json"
+JOURNAL_PREFIX = ".carkin-commit-"
 MANIFEST = ".carkin-outputs.json"
 PART = ".carkin-part-"
+HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def owner() -> str:
+    """This process, as temporary names and journals carry it: HOST~PID."""
+    return f"{HOST}~{os.getpid()}"
+
+
+def journals(folder) -> list[Path]:
+    """The commit journals present in ``folder`` (one per committing process)."""
+    return sorted(Path(folder).glob(f"{JOURNAL_PREFIX}*.json"))
+
+
+def _dead_here(tag: str) -> bool:
+    """True for a HOST~PID of this host whose process has ended (another host's runs are left alone)."""
+    host, _, pid = tag.partition("~")
+    if host != HOST or not pid.isdigit():
+        return False
+    return not _pid_alive(int(pid))
 
 
 class OutputError(ValueError):
@@ -51,8 +73,9 @@ def recover(folder) -> list[str]:
     Returns the final paths the roll-forward completed (empty when there was nothing to do)."""
     folder = Path(folder)
     done = []
-    journal = folder / JOURNAL
-    if journal.is_file():
+    for journal in journals(folder):
+        if not _dead_here(journal.name[len(JOURNAL_PREFIX):-len(".json")]):
+            continue  # a commit in progress, or another host's
         try:
             plan = json.loads(journal.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -69,18 +92,14 @@ def recover(folder) -> list[str]:
                 _write_json(folder / MANIFEST, {"files": plan["manifest"]})
         journal.unlink(missing_ok=True)
     for part in folder.glob(f".*{PART}*"):
-        try:
-            pid = int(part.name.split(PART, 1)[1].split(".", 1)[0].split("-", 1)[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
+        if _dead_here(part.name.split(PART, 1)[1].split("-", 1)[0]):
             part.unlink(missing_ok=True)
     return done
 
 
 def _write_json(path: Path, obj) -> None:
     """A small JSON file written atomically (temporary name, fsync, rename)."""
-    temp = path.with_name(f"{path.name}{PART}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    temp = path.with_name(f"{path.name}{PART}{owner()}-{uuid.uuid4().hex[:8]}")
     with open(temp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
         f.flush()
@@ -140,7 +159,7 @@ class Outputs:
         if not ancestor.is_dir():
             raise OutputError(f"cannot write {what} under {ancestor}: it is a file, not a folder; give another path")
         if ancestor == self.folder:
-            probe = self.folder / f".probe{PART}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            probe = self.folder / f".probe{PART}{owner()}-{uuid.uuid4().hex[:8]}"
             try:
                 probe.write_bytes(b"")
                 probe.unlink()
@@ -184,7 +203,7 @@ class Outputs:
                 raise OutputError(f"output file {final} exists; pass --overwrite to replace it")
         if final not in self._temps:
             self.folder.mkdir(parents=True, exist_ok=True)
-            name = f".{final.stem}{PART}{os.getpid()}-{uuid.uuid4().hex[:8]}{final.suffix}"
+            name = f".{final.stem}{PART}{owner()}-{uuid.uuid4().hex[:8]}{final.suffix}"
             self._temps[final] = final.with_name(name)
         return self._temps[final]
 
@@ -204,14 +223,15 @@ class Outputs:
         kept = [p.name for p in previous if p not in self._temps] if self.manifest == "add" else []
         manifest = kept + [Path(f).name for _, f in renames] if self.manifest else None
         with _signals_held():
-            _write_json(self.folder / JOURNAL, {"renames": renames, "remove": remove, "manifest": manifest})
+            journal = self.folder / f"{JOURNAL_PREFIX}{owner()}.json"
+            _write_json(journal, {"renames": renames, "remove": remove, "manifest": manifest})
             for temp, final in renames:
                 os.replace(temp, final)
             for stale in remove:
                 os.remove(stale)
             if manifest is not None:
                 _write_json(self.folder / MANIFEST, {"files": manifest})
-            (self.folder / JOURNAL).unlink()
+            journal.unlink()
         self._temps = {}
         return [f for _, f in renames]
 
@@ -243,7 +263,7 @@ def save_figure(fig, path, dpi: int) -> str:
     function's explicit ``path=`` is the caller's consent to replace that file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}{PART}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    temp = path.with_name(f".{path.stem}{PART}{owner()}-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         fig.savefig(temp, dpi=dpi)
         os.replace(temp, path)
