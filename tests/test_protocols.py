@@ -160,16 +160,27 @@ def test_unedited_protocol_runs_the_unedited_product():
     assert protocol.load_model().product_type == "unedited"
 
 
+WITHOUT_ARMS = {"cd7_cart_unedited_3plus3", "cd7_cart_mrd_post_transplant"}  # no published arm is comparable
+
+
+def test_only_the_known_protocols_lack_comparable_arms():
+    """The P(DLT) check below runs on every protocol that names published arms; the others must say why."""
+    lacking = {p.stem for p in PROTOCOLS if not read_protocol(p).comparable}
+    assert lacking == WITHOUT_ARMS
+    for p in PROTOCOLS:
+        if p.stem in WITHOUT_ARMS:
+            assert "comparable" in p.read_text().lower(), p.name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in PROTOCOLS if p.stem not in WITHOUT_ARMS], ids=lambda p: p.stem)
 def test_seed_protocol_p_dlt_lies_in_the_comparable_published_arms(path):
     """The acceptance check: each seed protocol's P(DLT), over 20 calibration draws of its own population,
     inside the 95% interval of the published arms its file names as comparable (or marked, with the reason)."""
     from carkin.protocol import comparable_check, simulate_protocol
 
     protocol = read_protocol(path)
-    if not protocol.comparable:
-        pytest.skip(f"{protocol.id}: no comparable published arm (the file says why)")
+    assert protocol.comparable, protocol.id
     ds = simulate_protocol(protocol, seed=1, calibration=True, n_draws=20)
     for c in comparable_check(protocol, ds):
         detail = (f"{protocol.id} {c['dose_per_kg']:g} {c['schedule']}: P(DLT) {c['p_dlt']:.3f}, published "

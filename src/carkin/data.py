@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from carkin.strict import UNIT_RANGES, unknown_keys
+from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, TOTAL_CELLS_RANGE, UNIT_RANGES, unknown_keys
 
 MISSING = frozenset({"", ".", "NA"})  # an empty cell, NONMEM's dot or R's NA
 REQUIRED = ("ID", "TIME", "DV")
@@ -45,8 +45,7 @@ SIDECAR_KEYS = {  # table -> its keys; [covariates] names columns, [generation] 
     "dvid": ("observable", "unit", "transform", "scale", "lloq"),
 }
 # Plausible ranges (low, high, unit): values outside are refused as typing or unit errors.
-TIME_RANGE = (-3650.0, 36525.0, "day")  # ten years before to a century after the first dose
-AMT_RANGES = {"cells": (1e4, 1e12, "cells"), "cells/kg": (1e2, 1e10, "cells/kg")}
+AMT_RANGES = {"cells": (*TOTAL_CELLS_RANGE, "cells"), "cells/kg": (*DOSE_PER_KG_RANGE, "cells/kg")}
 
 TRANSFORMS = ("none", "log10", "ln")
 SCALES = ("log", "linear")
@@ -793,7 +792,7 @@ def _range_problems(file: str, rows: list[_Row], dose_rows: list[_Row], covariat
                     settings: _Settings) -> list[Problem]:
     """Values outside their plausible range (see TIME_RANGE, AMT_RANGES, UNIT_RANGES): unit or typing errors."""
     problems = []
-    lo, hi, unit = TIME_RANGE
+    (lo, hi), unit = TIME_RANGE, "day"
     for r in rows:
         t = r.num.get("TIME")
         if t is not None and not lo <= t <= hi:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from carkin.strict import DOSE_PER_KG_RANGE
+
 FRACTION_SUM_TOL = 1e-9
-DOSE_RANGE = (1e2, 1e10)  # cells/kg: CAR products are dosed at 1e5-1e8/kg; outside this a unit slipped
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Regimen:
         if any(not math.isfinite(a) or a < 0 for a in amounts):
             raise ValueError(f"infused amounts must be finite and >= 0 cells/kg, got {list(amounts)}")
         total = sum(amounts)
-        lo, hi = DOSE_RANGE
+        lo, hi = DOSE_PER_KG_RANGE
         if total > 0 and not lo <= total <= hi:
             raise ValueError(f"a total dose of {total:g} cells/kg is outside the plausible range [{lo:g}, {hi:g}] "
                              "cells/kg; doses are in cells per kg (1 million per kg is 1e6), not in millions")

@@ -42,7 +42,13 @@ def owner() -> str:
 
 def journals(folder) -> list[Path]:
     """The commit journals present in ``folder`` (one per committing process)."""
-    return sorted(Path(folder).glob(f"{JOURNAL_PREFIX}*.json"))
+    return sorted(p for p in Path(folder).glob(f"{JOURNAL_PREFIX}*.json") if PART not in p.name)
+
+
+def temp_beside(final: Path) -> Path:
+    """A hidden temporary name in ``final``'s folder, tagged with this process, same extension
+    (writers that infer the format from it still work)."""
+    return final.with_name(f".{final.stem.lstrip('.')}{PART}{owner()}-{uuid.uuid4().hex[:8]}{final.suffix}")
 
 
 def _dead_here(tag: str) -> bool:
@@ -99,7 +105,7 @@ def recover(folder) -> list[str]:
 
 def _write_json(path: Path, obj) -> None:
     """A small JSON file written atomically (temporary name, fsync, rename)."""
-    temp = path.with_name(f"{path.name}{PART}{owner()}-{uuid.uuid4().hex[:8]}")
+    temp = temp_beside(path)
     with open(temp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
         f.flush()
@@ -159,7 +165,7 @@ class Outputs:
         if not ancestor.is_dir():
             raise OutputError(f"cannot write {what} under {ancestor}: it is a file, not a folder; give another path")
         if ancestor == self.folder:
-            probe = self.folder / f".probe{PART}{owner()}-{uuid.uuid4().hex[:8]}"
+            probe = temp_beside(self.folder / "probe")
             try:
                 probe.write_bytes(b"")
                 probe.unlink()
@@ -203,8 +209,7 @@ class Outputs:
                 raise OutputError(f"output file {final} exists; pass --overwrite to replace it")
         if final not in self._temps:
             self.folder.mkdir(parents=True, exist_ok=True)
-            name = f".{final.stem}{PART}{owner()}-{uuid.uuid4().hex[:8]}{final.suffix}"
-            self._temps[final] = final.with_name(name)
+            self._temps[final] = temp_beside(final)
         return self._temps[final]
 
     def commit(self) -> list[str]:
@@ -263,7 +268,7 @@ def save_figure(fig, path, dpi: int) -> str:
     function's explicit ``path=`` is the caller's consent to replace that file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}{PART}{owner()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    temp = temp_beside(path)
     try:
         fig.savefig(temp, dpi=dpi)
         os.replace(temp, path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from carkin.strict import interval_problem, range_problem, unknown_keys
+from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, UNIT_RANGES, interval_problem, range_problem, unknown_keys
 from carkin.toxicity import DLTModel, default_dlt_model
 from carkin.trials import MAX_TRIALS
 from carkin.whatif import HoldRule, Schedule
@@ -41,12 +41,12 @@ DESIGN_KEYS = {
 }
 COMMON_DESIGN_KEYS = ("name", "n_trials", "dlt_window_days")
 # Plausible ranges (low, high, unit) for the numbers a protocol gives.
-DOSE_RANGE = (1e3, 1e10, "cells/kg")
-AGE_RANGE = (0.0, 120.0, "years")
-WEIGHT_RANGE = (0.5, 300.0, "kg")
-BLAST_RANGE = (0.0, 100.0, "%")
-COUNT_RANGE = (0.0, 1e6, "cells/µL")
-DAY_RANGE = (-3650.0, 36525.0, "days after the first infusion")
+DOSE_RANGE = (*DOSE_PER_KG_RANGE, "cells/kg")
+AGE_RANGE = (*UNIT_RANGES["year"], "years")
+WEIGHT_RANGE = (*UNIT_RANGES["kg"], "kg")
+BLAST_RANGE = (*UNIT_RANGES["%"], "%")
+COUNT_RANGE = (*UNIT_RANGES["cells/µL"], "cells/µL")
+DAY_RANGE = (*TIME_RANGE, "days after the first infusion")
 MAX_SUBJECTS = 1_000_000  # per dose and schedule; larger populations belong to carkin.stream
 
 

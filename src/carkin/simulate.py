@@ -20,7 +20,7 @@ from carkin import dosing, population
 from carkin.guards import check_memory, check_seed
 from carkin.kinetics import Model
 from carkin.solve import check_tolerances, solve_subject
-from carkin.strict import UNIT_RANGES
+from carkin.strict import TIME_RANGE, UNIT_RANGES
 
 # Chunks of 256 subjects keep the solver's working set in cache: measured fastest on
 # a 2-core Xeon (benchmarks/README.md). Smaller populations round up to a power of
@@ -67,7 +67,7 @@ def parse_times(times) -> np.ndarray:
         raise ValueError("times must be strictly increasing")
     if grid.size > MAX_TIMES:
         raise ValueError(f"{grid.size:,} output times per subject is more than {MAX_TIMES:,}; give fewer")
-    lo, hi = -3650.0, 36525.0
+    lo, hi = TIME_RANGE
     if grid[0] < lo or grid[-1] > hi:
         raise ValueError(f"times must lie in [{lo:g}, {hi:g}] days after the first infusion (ten years before to a "
                          f"century after), got {grid[0]:g} to {grid[-1]:g}")

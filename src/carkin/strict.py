@@ -11,8 +11,11 @@ import difflib
 import math
 from collections.abc import Iterable
 
-# Plausible values by unit (low, high): outside these a unit or a digit slipped.
+# Plausible values (low, high): outside these a unit or a digit slipped. Every reader uses these.
 UNIT_RANGES = {"kg": (0.5, 300.0), "year": (0.0, 120.0), "%": (0.0, 100.0), "cells/µL": (0.0, 1e6)}
+DOSE_PER_KG_RANGE = (1e2, 1e10)  # cells/kg: CAR products are dosed at 1e5-1e8/kg
+TOTAL_CELLS_RANGE = (1e4, 1e12)  # cells
+TIME_RANGE = (-3650.0, 36525.0)  # days: ten years before to a century after the first infusion
 
 
 def unknown_keys(table: dict, allowed: Iterable[str], where: str) -> list[str]:
