@@ -334,8 +334,8 @@ class CD19CART(Model):
     assays = {"car_copies": Assay("log-additive", 0.56, lloq=50.0,
                                   source="residual error: Stein et al. 2019 Table 1 (tisagenlecleucel qPCR, 0.56 on "
                                          "the log scale); LLOQ 50 copies/µg gDNA: assumption")}
-    roles = {"exposure": "car_copies", "tumour": "blasts", "escape": "blasts_cd19neg", "normal": "b_cells",
-             "weight": "WT"}
+    roles = {"exposure": "car_copies", "exposure_cells": "car_cells", "tumour": "blasts", "escape": "blasts_cd19neg",
+             "normal": "b_cells", "weight": "WT", "burden": "BLAST"}
     claims = CLAIMS
     calibration = CALIBRATION
 

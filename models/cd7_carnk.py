@@ -162,6 +162,7 @@ class CD7CARNK(Model):
     covariates = COVARIATES
     assays = ASSAYS
     roles = ROLES
+    cell_type = "CAR-NK"
     claims = CLAIMS
     dose_state = "E"
     solver = SolverSettings(rtol=1e-6, atol=1e-6, solver="Tsit5", max_steps=4096, dt0=0.05)

@@ -155,6 +155,7 @@ import jax.numpy as jnp
 
 from carkin.arms import Claim
 from carkin.calibration import CalibrationSpec, Prior
+from carkin.errors import InputError
 from carkin.kinetics import WEIGHT, Covariate, Model, Observable, Parameter, SolverSettings, State
 from carkin.observation import Assay
 from carkin.physiology import blood_volume_ul
@@ -256,8 +257,8 @@ QPCR = Assay("log-additive", 0.56, lloq=50.0,
              source="residual error: Stein et al. 2019 Table 1 (tisagenlecleucel qPCR, 0.56 on the log scale), "
                     "taken for CD7 CAR-T qPCR (assumption); LLOQ 50 copies/µg gDNA: assumption")
 ASSAYS = {"car_copies": QPCR}
-ROLES = {"exposure": "car_copies", "tumour": "blasts", "escape": "blasts_cd7neg", "normal": "cd7_cells",
-         "normal_state": "cd7_normal_cells", "weight": "WT"}
+ROLES = {"exposure": "car_copies", "exposure_cells": "car_cells", "tumour": "blasts", "escape": "blasts_cd7neg",
+         "normal": "cd7_cells", "normal_state": "cd7_normal_cells", "weight": "WT", "burden": "BLAST"}
 
 STEIN = "Stein et al. 2019, CPT:PSP 8:285, Table 1"
 
@@ -399,7 +400,7 @@ class CD7CART(Model):
     def __post_init__(self):
         super().__post_init__()
         if self.product_type not in FRATRICIDE_SCALE:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: product_type must be one of {', '.join(repr(k) for k in PRODUCT_TYPES)} "
                 f"(fratricide scale {FRATRICIDE_SCALE}); got {self.product_type!r}"
             )

@@ -38,6 +38,7 @@ def test_dataset_measurements_enter_through_obs(design):
     assert float(a) == pytest.approx(float(b), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_fit_many_returns_draws_per_dataset(design):
     problem = make_problem(ck.load_model("stein_2019"), design)
     _, y, blq = prior_datasets(problem, 2, seed=1)
@@ -47,6 +48,7 @@ def test_fit_many_returns_draws_per_dataset(design):
     assert np.all(draws["tmax"] > 0)
 
 
+@pytest.mark.slow
 def test_sbc_passes_sampler_options_to_the_fits(design, monkeypatch):
     import carkin.batch as batch
 

@@ -185,6 +185,7 @@ def test_split_on_day_zero_equals_single(model):
                                    atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 def test_population_states_stay_non_negative_and_steps_are_few(model):
     ds = ck.simulate(model, ck.single(1e7), times="0:365:1", n_subjects=200, seed=4, include_states=True)
     assert not ds["failed"].any()
@@ -218,6 +219,7 @@ def test_vector_field_keeps_the_non_negative_orthant_invariant(model):
                 assert d >= 0.0, (model.state_names[i], value, d)
 
 
+@pytest.mark.slow
 def test_gradient_of_log_copies_at_day_14_is_finite(model):
     names = model.parameter_names
     times = jnp.array([14.0])

@@ -141,6 +141,7 @@ def test_matches_scipy_reference(model, tight, which):
         np.testing.assert_allclose(got[mask], ref[name][mask], rtol=REF_RTOL, err_msg=f"{model.name} {name}")
 
 
+@pytest.mark.slow
 def test_zero_dose_is_the_untreated_course(model, cart_typical, carnk_typical):
     regs, ds = cart_typical if model.name == "cd7_cart" else carnk_typical
     assert regs[0].total_per_kg == 0.0
@@ -161,6 +162,7 @@ def test_zero_dose_is_the_untreated_course(model, cart_typical, carnk_typical):
     assert np.all(np.diff(blasts) > 0) and blasts[-1] > 90.0  # untreated leukaemia progresses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dose", [2e6, 5e7])
 def test_one_fraction_split_equals_single(model, dose):
     # Pad both to three infusion slots with a second regimen so one compiled solve serves both.
@@ -193,6 +195,7 @@ def test_cart_tmax_cmax_and_cd7_course(cart_typical):
     assert early[single[-1]] / early[single[0]] > 10.0
 
 
+@pytest.mark.slow
 def test_cart_product_types(cart):
     with pytest.raises(ValueError, match="product_type must be one of"):
         ck.load_model("cd7_cart", product_type="crispr")
@@ -207,6 +210,7 @@ def test_cart_product_types(cart):
 
 # --- cd7_carnk clinical behaviour ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_carnk_early_peak_contraction_and_low_level_persistence(carnk, carnk_typical):
     regs, ds = carnk_typical
     cov = typical_covariates(carnk)
@@ -224,6 +228,7 @@ def test_carnk_early_peak_contraction_and_low_level_persistence(carnk, carnk_typ
 
 # --- properties --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_states_non_negative_in_a_population(model):
     regimen = ck.split(1e7 if model.name == "cd7_cart" else 5e7)
     ds = ck.simulate(model, regimen, times=DAYS, n_subjects=200, seed=4, include_states=True)
@@ -247,6 +252,7 @@ def _log_copies_day14(model, regimen, rtol=None, atol=None):
     return f
 
 
+@pytest.mark.slow
 def test_gradient_finite_and_matches_finite_differences(model, tight):
     regimen = REFERENCE_REGIMENS[model.name][0]
     theta = jnp.array([v for _, v in model.values])

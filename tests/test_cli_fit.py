@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import carkin as ck
 from carkin.cli import main
@@ -16,6 +17,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_fit_then_vpc_write_their_files(tmp_path, capsys):
     # A 6-subject copy of the shipped dataset keeps the run short; the sidecar travels with it.
     src = pd.read_csv(DATA / "stein_sim.csv")

@@ -28,7 +28,13 @@ def test_examples_found():
     assert any(s.name == "cd7_escalation.py" for s in SCRIPTS)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(EXAMPLES)))
+# scripts that fit (compiling a sampler) or compile the mechanistic models run in the slow suite;
+# quickstart's and the main job's steps are tested piece by piece in the default run
+SLOW = ("fit_cd7.py", "fit_stein.py", "sbc_stein.py", "cd7_escalation.py", "quickstart.py", "multihost_simulate.py")
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow if s.name in SLOW else ())
+                                    for s in SCRIPTS], ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_example_runs(script, tmp_path):
     out = tmp_path / "out"
     args = " ".join(directives(script, "test-args")) or DEFAULT_ARGS

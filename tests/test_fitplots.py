@@ -80,6 +80,7 @@ def _check_subject_panels(axes, obs: pd.DataFrame) -> None:
         assert _horizontal_at(ax, mine["lloq"].max())
 
 
+@pytest.mark.slow
 def test_individual_fits_draw_every_observation(fit):
     tree, curves, _ = fit
     fig = fp.plot_individual_fits(tree, curves)
@@ -93,12 +94,14 @@ def test_individual_fits_draw_every_observation(fit):
     assert len(fig.legends[0].get_texts()) == 6
 
 
+@pytest.mark.slow
 def test_individual_fits_limit_subjects(fit):
     tree, curves, _ = fit
     fig = fp.plot_individual_fits(tree, curves, max_subjects=3)
     assert [ax.get_title() for ax in fig.axes] == ["ID 1", "ID 2", "ID 3"]
 
 
+@pytest.mark.slow
 def test_gof_panels_and_reference_lines(fit):
     tree, _, _ = fit
     fig = fp.plot_gof(tree)
@@ -128,6 +131,7 @@ def test_iwres_follows_the_error_model():
         fp._iwres("additive", dv, f, 1.0)
 
 
+@pytest.mark.slow
 def test_vpc_panels(fit):
     _, _, vpc_df = fit
     fig = fp.plot_vpc(vpc_df)
@@ -143,6 +147,7 @@ def test_vpc_panels(fit):
     assert any(np.array_equal(np.isnan(np.asarray(ln.get_ydata(), float)), np.isnan(p05)) for ln in drawn)
 
 
+@pytest.mark.slow
 def test_several_observables_get_their_own_rows_and_columns(fit):
     two, two_curves, two_vpc = _two_observables(*fit)
     panels = fp.plot_individual_fits(two, two_curves, max_subjects=5).axes
@@ -157,6 +162,7 @@ def test_several_observables_get_their_own_rows_and_columns(fit):
     assert len(fp.plot_vpc(two_vpc).axes) == 3
 
 
+@pytest.mark.slow
 def test_save_fit_plots_writes_pngs(fit, tmp_path):
     tree, curves, vpc_df = fit
     paths = fp.save_fit_plots(tree, tmp_path / "plots", curves=curves, vpc_df=vpc_df)
@@ -166,6 +172,7 @@ def test_save_fit_plots_writes_pngs(fit, tmp_path):
         assert content.startswith(PNG_MAGIC) and len(content) > 10_000
 
 
+@pytest.mark.slow
 def test_save_fit_plots_computes_what_is_missing(fit, tmp_path):
     tree, _, _ = fit
     paths = fp.save_fit_plots(tree, tmp_path, max_subjects=2)

@@ -160,6 +160,7 @@ def test_ode_likelihood_path_matches_closed_form(small, stein):
     np.testing.assert_allclose(f_ode, f_closed, rtol=ODE_VS_CLOSED_RTOL)
 
 
+@pytest.mark.slow
 def test_forward_mode_gradient_of_ode_predictions_matches_closed_form(small, stein):
     """ODE predictions differentiated in forward mode over a few parameters (a custom VJP built
     from the forward Jacobian) give the closed form's gradient; the others get none."""
@@ -208,6 +209,7 @@ def test_censored_observation_is_probability_below_lloq():
 
 
 
+@pytest.mark.slow
 def test_summed_likelihood_of_two_observables_matches_scipy():
     """The sampler's summed likelihood (each record only its own term: measured or censored) and
     the pointwise one equal scipy's, record by record, with two observables and two error models."""
@@ -291,6 +293,7 @@ def _blq_datasets(tmp_path, stein):
     return a, b
 
 
+@pytest.mark.slow
 def test_censoring_recovers_beta_and_dropping_blq_biases_it(tmp_path, stein):
     censored, dropped = _blq_datasets(tmp_path, stein)
     assert censored.obs_blq.mean() == pytest.approx(BLQ_FRACTION, abs=0.02)
@@ -345,6 +348,7 @@ def test_datatree_groups_names_dims_units(svi_fit, tmp_path):
     assert json.loads(back.attrs["settings"])["method"] == "svi"
 
 
+@pytest.mark.slow
 def test_sampler_problems_are_reported_in_plain_words(stein):
     data = ck.read_dataset(DATA / "stein_sim.csv").subset([1, 2, 3, 4])
     with pytest.warns(ck.FitWarning) as record:
@@ -363,11 +367,32 @@ def test_sampler_problems_are_reported_in_plain_words(stein):
     (dict(covariate_effects=[ck.CovariateEffect("cmax", "HEIGHT")]), "needs column 'HEIGHT'"),
     (dict(priors={"omega_nope": None}), "unknown site"),
     (dict(method="mcmc"), "method must be"),
+    (dict(method="svi", sampler=ck.SVI()), "not both"),
+    (dict(sampler="nuts"), "sampler must be"),
     (dict(variability=("cmax",), centred=("tmax",)), "no between-subject variability"),
 ])
 def test_bad_fit_arguments_are_refused_clearly(small, stein, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ck.fit(stein, small, progress=False, **kwargs)
+
+
+def test_sampler_settings_are_checked_where_they_are_made():
+    assert ck.NUTS().n_draws == 2000 and ck.SVI(draws=40).n_draws == 40
+    for bad, message in ((dict(chains=0), "chains"), (dict(target_accept=1.5), "target_accept"),
+                         (dict(init="prior"), "init"), (dict(warmup=2.5), "warmup")):
+        with pytest.raises(ValueError, match=message):
+            ck.NUTS(**bad)
+    with pytest.raises(ValueError, match="steps"):
+        ck.SVI(steps=0)
+
+
+@pytest.mark.slow
+def test_sampler_object_fits_as_the_keyword_arguments_do(svi_fit):
+    data, tree = svi_fit
+    again = ck.fit(ck.load_model("stein_2019"), data, sampler=ck.SVI(steps=400, draws=40), seed=2, progress=False)
+    np.testing.assert_array_equal(again["posterior"]["tmax"].values, tree["posterior"]["tmax"].values)
+    untimed = lambda t: {**json.loads(t.attrs["settings"]), "fit_time_s": 0}  # noqa: E731
+    assert untimed(again) == untimed(tree)
 
 
 def test_unknown_observable_is_refused(tmp_path, stein):

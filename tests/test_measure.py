@@ -46,6 +46,7 @@ def test_values_below_the_lloq_are_censored_not_dropped(stein, population):
     assert "car_copies_measured" not in population  # the input is not modified
 
 
+@pytest.mark.slow
 def test_noise_depends_only_on_seed_and_subject_index(stein):
     whole = ck.simulate(stein, ck.single(1e6), times="0:28:7", n_subjects=40, seed=1, measurements=True)
     parts = [ck.simulate(stein, ck.single(1e6), times="0:28:7", n_subjects=20, seed=1, first_subject=k,

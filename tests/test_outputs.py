@@ -151,6 +151,7 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys):
 
 # --- streams -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stream_is_complete_resumable_and_marked(tmp_path, monkeypatch):
     model = ck.load_model("stein_2019")
     path = tmp_path / "pop.nc"
@@ -188,6 +189,7 @@ def test_stream_is_complete_resumable_and_marked(tmp_path, monkeypatch):
         simulate_to_netcdf(model, ck.single(1e6), path, 40, **kwargs)
 
 
+@pytest.mark.slow
 def test_stream_started_afresh_when_the_partial_file_differs(tmp_path):
     model = ck.load_model("stein_2019")
     path = tmp_path / "pop.nc"

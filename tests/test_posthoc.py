@@ -74,6 +74,7 @@ def test_individual_estimates_match_scipy(setup):
     np.testing.assert_allclose(est["ind_tmax"].values, ind_tmax, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_no_subject_stops_above_scipys_optimum():
     """All 40 shipped subjects: Tmax often settles on a sampling day, a kink of the closed form.
     Stopping at the kink left subject 31 0.98 above scipy's BFGS; the other random effects must
@@ -101,6 +102,7 @@ def test_missing_population_values_are_named(setup):
         individual_estimates(problem, partial)
 
 
+@pytest.mark.slow
 def test_failed_optimisations_are_reported_not_hidden(setup):
     _, problem, truth = setup
     with warnings.catch_warnings(record=True) as caught:

@@ -58,6 +58,7 @@ def _scipy_cd7(model, regimen, times, p, cov):
     return out
 
 
+@pytest.mark.slow
 def test_cd7_cart_pre_dose_times_against_scipy_and_without_them():
     model = ck.load_model("cd7_cart")
     regimen = ck.split(1e7)
@@ -74,6 +75,7 @@ def test_cd7_cart_pre_dose_times_against_scipy_and_without_them():
         np.testing.assert_allclose(ds[name].values[0, 2:], post[name].values[0], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_pre_dose_sampling_does_not_change_population_cmax():
     """The what-if symptom: sampling days [-7, 0, 7, ...] raised the median Cmax."""
     model = ck.load_model("cd7_cart")

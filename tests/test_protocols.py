@@ -29,6 +29,7 @@ def test_five_seed_protocols_are_shipped():
     assert ages["NCT07280494"][0] == 3 and ages["NCT06585345"] == (14, 65) and ages["CD7-CAR-NK"] == (18, 70)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.stem)
 def test_protocol_trial_and_whatif_run_through_the_cli(path, tmp_path, capsys):
     protocol = read_protocol(path)
@@ -105,6 +106,7 @@ def test_bad_protocol_names_file_and_key(tmp_path):
         read_protocol(path)
 
 
+@pytest.mark.slow
 def test_kinetic_model_pools_match_exact_calculator_on_their_mean():
     """Subjects whose DLT probabilities differ (from each virtual patient's simulated expansion and
     burden) give, being independent, the operating characteristics of the dose-level mean."""
@@ -126,6 +128,7 @@ def test_kinetic_model_pools_match_exact_calculator_on_their_mean():
     assert abs(mc.expected_dlt - exact.expected_dlt) < 3 * mc.se_expected_dlt
 
 
+@pytest.mark.slow
 def test_comparable_arms_are_checked_against_the_whatif(tmp_path, capsys):
     from carkin.protocol import comparable_check, simulate_protocol
 
@@ -142,6 +145,7 @@ def test_comparable_arms_are_checked_against_the_whatif(tmp_path, capsys):
         assert c["passed"] == (c["interval_low"] <= c["p_dlt"] <= c["interval_high"])
 
 
+@pytest.mark.slow
 def test_trial_over_calibration_draws_reports_intervals(tmp_path, capsys):
     path = next(p for p in PROTOCOLS if p.stem == "cd7_carnk_accelerated_titration")
     code, out, err = run(capsys, "trial", path, "--out", tmp_path, "--n-trials", 40, "--calibration-draws", 2, *TINY)
@@ -189,6 +193,7 @@ def test_seed_protocol_p_dlt_lies_in_the_comparable_published_arms(path):
         assert c["passed"] != bool(c["known_failure"]), detail
 
 
+@pytest.mark.slow
 def test_whatif_over_calibration_draws_prints_intervals_and_the_comparable_arms(tmp_path, capsys):
     path = next(p for p in PROTOCOLS if p.stem == "cd19_cart_ball")
     code, out, err = run(capsys, "whatif", path, "--out", tmp_path, "--calibration-draws", 2, *TINY)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every case starts fresh processes with several devices
+
 SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np

@@ -24,6 +24,12 @@ def test_dataset_layout_and_units(stein):
         assert "units" in var.attrs and "long_name" in var.attrs, name
     assert ds["tmax"].dims == ("subject",) and ds["tmax"].attrs["units"] == "day"
     assert ds["WT"].attrs["units"] == "kg"
+    # dose and schedule are coordinates of the regimen dimension, so selections need no label parsing
+    assert list(ds["dose_per_kg"].values) == [1e6, 1e6] and ds["dose_per_kg"].attrs["units"] == "cells/kg"
+    assert list(ds["schedule"].values) == ["single", "split 10/30/60% d0/1/2"]
+    split_only = ds.where(ds["schedule"] == "split 10/30/60% d0/1/2", drop=True)
+    assert list(split_only["regimen"].values) == [regs[1].label]
+    assert ds["car_copies"].attrs["role"] == "exposure"
 
 
 def test_typical_subject_has_typical_values(stein):
@@ -34,6 +40,7 @@ def test_typical_subject_has_typical_values(stein):
     assert float(ds["WT"].values[0]) == 20.0
 
 
+@pytest.mark.slow
 def test_population_reproducible_and_chunk_independent(stein):
     a = ck.simulate(stein, ck.single(1e6), times=[0, 10, 50], n_subjects=37, seed=7)
     b = ck.simulate(stein, ck.single(1e6), times=[0, 10, 50], n_subjects=37, seed=7, chunk_size=8)
@@ -47,7 +54,8 @@ def test_population_reproducible_and_chunk_independent(stein):
     assert 12 <= big["WT"].min() and big["WT"].max() <= 150
 
 
-@pytest.mark.parametrize("name", sorted(ck.list_models()))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "stein_2019" else pytest.mark.slow)
+                                  for n in sorted(ck.list_models())])
 def test_vmap_equals_per_subject_loop(name):
     model = ck.load_model(name)
     regimen = ck.split(1e7)
@@ -63,6 +71,7 @@ def test_vmap_equals_per_subject_loop(name):
             np.testing.assert_allclose(one[o.name].values[0], pop[o.name].values[i], rtol=LOOP_RTOL)
 
 
+@pytest.mark.slow
 def test_failed_solves_are_flagged_and_named(stein):
     from carkin.kinetics import SolverSettings
 

@@ -58,7 +58,8 @@ def _log_level(stein, day):
     return f, ref
 
 
-@pytest.mark.parametrize("day", [5.0, 14.0, 60.0])
+@pytest.mark.parametrize("day", [pytest.param(5.0, marks=pytest.mark.slow), 14.0,
+                                 pytest.param(60.0, marks=pytest.mark.slow)])
 def test_gradients_match_closed_form_including_tmax(stein, day):
     f, ref = _log_level(stein, day)
     theta = jnp.array(list(stein.typical.values()))

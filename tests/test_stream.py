@@ -1,12 +1,14 @@
 """Streaming a population to netCDF block by block gives exactly what one simulate call returns."""
 
 import numpy as np
+import pytest
 import xarray as xr
 
 import carkin as ck
 from carkin.stream import simulate_to_netcdf
 
 
+@pytest.mark.slow
 def test_blocks_on_disk_equal_one_simulate_call(tmp_path):
     model = ck.load_model("cd7_cart")
     regimen = ck.split(3e6)

@@ -63,6 +63,7 @@ def test_endpoints_match_a_direct_simulation(grid, cd7):
     assert float(cell["p_dlt"]) == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_hold_rule_withholds_later_fractions(cd7):
     never = Schedule("split never held", (0.1, 0.3, 0.6), (0, 1, 2), HoldRule(1e12))
     always = Schedule("split always held", (0.1, 0.3, 0.6), (0, 1, 2), HoldRule(1e-12))
@@ -106,6 +107,7 @@ def test_toxicity_link():
         DLTModel(window_end_day=0.0)
 
 
+@pytest.mark.slow
 def test_posterior_draws_propagate(tmp_path):
     stein = ck.load_model("stein_2019")
     data = ck.read_dataset(DATA / "stein_sim.csv").subset([1, 2, 3, 4, 5, 6, 7, 8])

@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from carkin import dosing, evidence, population
+from carkin.errors import InputError
 from carkin.kinetics import Model
 from carkin.nca import nca
 
@@ -62,16 +63,16 @@ class Claim:
     covariates: tuple = ()  # ((name, (low, high)), ...): log-uniform over the range
     timepoint_day: float | None = None
     measured: bool = True  # kinetics from simulated measurements (assay noise, LLOQ) on SAMPLING_DAYS
-    tolerance: tuple | None = None  # (low, high): an explicit tolerance, with its reason in note
+    tolerance: tuple[float, float] | None = None  # (low, high): an explicit tolerance, with its reason in note
     note: str = ""  # the assumptions this claim adds to the row
     known_failure: str = ""  # why the model does not describe the row (the row stays, marked failed)
     known_failure_cv: str = ""  # the same for the between-subject CV% line of a geometric mean
 
     def __post_init__(self):
         if self.role not in ("calibration", "validation"):
-            raise ValueError(f"claim {self.row}: role must be 'calibration' or 'validation', got {self.role!r}")
+            raise InputError(f"claim {self.row}: role must be 'calibration' or 'validation', got {self.role!r}")
         if self.schedule not in (None, "single", "split 10/30/60"):
-            raise ValueError(f"claim {self.row}: schedule must be 'single' or 'split 10/30/60', got {self.schedule!r}")
+            raise InputError(f"claim {self.row}: schedule must be 'single' or 'split 10/30/60', got {self.schedule!r}")
 
 
 SCHEDULES = {
@@ -172,24 +173,25 @@ class VirtualArm:
         names = {c.name: c for c in self.model.covariates}
         out = {}
         ages = self.design.age_years
-        if "WT" in names:
+        weight, burden = self.model.role("weight", required=False), self.model.role("burden", required=False)
+        if weight in names:
             if ages is None:
-                c = names["WT"]
-                out["WT"] = np.clip(c.typical * np.exp(c.log_sd * rng.standard_normal(self.n)), *c.bounds)
+                c = names[weight]
+                out[weight] = np.clip(c.typical * np.exp(c.log_sd * rng.standard_normal(self.n)), *c.bounds)
             else:
                 age = rng.uniform(*ages, self.n)
                 w = typical_weight_kg(age) * np.exp(WEIGHT_LOG_SD * rng.standard_normal(self.n))
-                out["WT"] = np.clip(w, *WEIGHT_BOUNDS)
-        if "BLAST" in names:
-            c = names["BLAST"]
+                out[weight] = np.clip(w, *WEIGHT_BOUNDS)
+        if burden in names:
+            c = names[burden]
             if self.design.blast_pct is not None:
                 med, lo, hi = self.design.blast_pct
                 known = math.isfinite(lo) and math.isfinite(hi)
                 sd = (math.log(hi) - math.log(lo)) / (2 * evidence.Z) if known else DEFAULT_BLAST_LOG_SD
-                out["BLAST"] = np.clip(med * np.exp(sd * rng.standard_normal(self.n)), *((lo, hi) if known else
-                                                                                          c.bounds))
+                out[burden] = np.clip(med * np.exp(sd * rng.standard_normal(self.n)), *((lo, hi) if known else
+                                                                                         c.bounds))
             else:
-                out["BLAST"] = np.clip(c.typical * np.exp(c.log_sd * rng.standard_normal(self.n)), *c.bounds)
+                out[burden] = np.clip(c.typical * np.exp(c.log_sd * rng.standard_normal(self.n)), *c.bounds)
         ranges = dict(self.design.covariates)
         for name, c in names.items():
             if name in out:
@@ -203,16 +205,13 @@ class VirtualArm:
 
     def individual(self, values: dict | None = None, omegas: dict | None = None) -> dict:
         """Per-subject parameters at typical ``values`` and between-subject SDs ``omegas`` (defaults: the model's)."""
-        typ, omega, kinds = population.parameter_table(self.model)
-        names = self.model.parameter_names
-        for k, v in (values or {}).items():
-            typ[names.index(k)] = v
-        for k, v in (omegas or {}).items():
-            omega[names.index(k)] = v
-        theta = np.asarray(population.individual_parameters(typ, omega, kinds, self.eta))
+        virtual = population.Population.of(self.model)
+        sites = {**virtual.model_sites(), **(values or {})}
+        sites.update({population.omega_site(k): v for k, v in (omegas or {}).items()})
+        theta = np.asarray(virtual.individual(sites, self.eta))
         # a logistic of a large random effect rounds to exactly 0 or 1: keep fractions inside (0, 1)
-        theta = np.where(kinds == 1, np.clip(theta, FRACTION_GUARD, 1.0 - FRACTION_GUARD), theta)
-        return dict(zip(names, theta.T))
+        theta = np.where(virtual.fraction_mask(), np.clip(theta, FRACTION_GUARD, 1.0 - FRACTION_GUARD), theta)
+        return dict(zip(self.model.parameter_names, theta.T))
 
     def simulate(self, values: dict | None = None, omegas: dict | None = None) -> xr.Dataset:
         """The arm's virtual patients at the given population values (measurements added where claimed)."""
@@ -363,6 +362,7 @@ def statistic(model: Model, claim: Claim, row: evidence.Row, ds: xr.Dataset, dlt
     if q == "crs_grade3plus":
         if dlt_model is None:
             raise evidence.EvidenceError(f"claim {row.row_id}: a toxicity row needs a DLT model")
+        dlt_model = dlt_model.for_model(model)
         peak = dlt_model.exposure(ds[dlt_model.peak_observable]).values
         burden = ds[dlt_model.burden_covariate].values if dlt_model.burden_covariate in ds else None
         return _weighted(dlt_model.probability(peak, burden), w, "mean")

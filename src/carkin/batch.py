@@ -17,6 +17,7 @@ import xarray as xr
 from carkin.data import StudyData
 from carkin.inference import FitProblem, make_problem, sample_posteriors
 from carkin.kinetics import Model
+from carkin.population import Z_SITE
 
 
 def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 300, seed: int = 0,
@@ -52,7 +53,7 @@ def prior_datasets(problem: FitProblem, n: int, seed: int = 0) -> tuple[dict, np
         keys = jax.random.split(k, len(problem.priors) + 2)
         params = {s: prior.sample(kk) for (s, prior), kk in zip(problem.priors.items(), keys)}
         if problem.random:
-            params["z"] = jax.random.normal(keys[-2], (d.n_subjects, len(problem.random)))
+            params[Z_SITE] = jax.random.normal(keys[-2], (d.n_subjects, len(problem.random)))
         f, _ = problem.predictions(problem.individual(params))
         y = problem.sample_measurements(params, f, keys[-1])
         return {s: params[s] for s in problem.priors}, y

@@ -32,7 +32,9 @@ from scipy import optimize, special, stats
 
 from carkin import evidence
 from carkin.arms import Claim, VirtualArm, design_of, statistic
+from carkin.errors import InputError
 from carkin.library import load_model
+from carkin.population import omega_site, parameter_of_omega
 
 SMOOTH = 0.05  # width of the logistic threshold steps (log scale) in the calibration likelihood
 P_FLOOR = 1e-6  # simulated proportions are kept in [P_FLOOR, 1 - P_FLOOR] inside the binomial
@@ -67,7 +69,7 @@ class CalibrationSpec:
 
     @property
     def names(self) -> list[str]:
-        return [f"{p}" for p, _ in self.typical] + [f"omega_{p}" for p, _ in self.omegas]
+        return [f"{p}" for p, _ in self.typical] + [omega_site(p) for p, _ in self.omegas]
 
 
 def _logit(p):
@@ -155,7 +157,9 @@ def is_toxicity(claim: Claim) -> bool:
 
 def toxicity_claims(model_names) -> list[tuple[str, Claim]]:
     """Every model's calibration claims on grade >= 3 CRS, as (model, claim)."""
-    return [(m, c) for m in model_names for c in load_model(m).claims if c.role == "calibration" and is_toxicity(c)]
+    return [(m, c) for m in model_names
+            for c in load_model(m).claims  # type: ignore[attr-defined]  # library models define claims
+            if c.role == "calibration" and is_toxicity(c)]
 
 
 def log_likelihood(row: evidence.Row, claim: Claim, o) -> float:
@@ -226,7 +230,7 @@ def metropolis(logp, x0, scale0, warmup: int, steps: int, rng) -> tuple[np.ndarr
     x, lp = x0.copy(), logp(x0)
     cov = np.diag(np.asarray(scale0, float) ** 2)
     chain, lps, accepted = [], [], 0
-    history = []
+    history: list[np.ndarray] = []
     for i in range(warmup + steps):
         if warmup // 4 <= i < warmup and i % 100 == 0 and len(history) > 2 * d:
             cov = np.cov(np.array(history).T) * 2.38**2 / d + 1e-10 * np.eye(d)
@@ -248,7 +252,8 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
     """Posterior mode (Nelder-Mead) and Metropolis draws of a model's calibration, as a JSON-ready dict;
     ``draws=False`` stops at the mode (what a reproducibility check compares)."""
     model = load_model(model_name)
-    claims = tuple(c for c in (claims if claims is not None else model.claims)
+    # the attr-defined ignore: library models define claims, the Model base class does not
+    claims = tuple(c for c in (claims if claims is not None else model.claims)  # type: ignore[attr-defined]
                    if c.role == "calibration" and not is_toxicity(c))
     if not claims:
         raise evidence.EvidenceError(f"model {model_name!r} has no calibration claims")
@@ -256,7 +261,7 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
     prob = CalibrationProblem(model_name, spec, claims, dlt_model)
     given = dict(spec.start)
     start = np.array([prob._to_x(p, given.get(p, pr.center)) for p, pr in spec.typical] +
-                     [math.log(given.get(f"omega_{p}", pr.center)) for p, pr in spec.omegas])
+                     [math.log(given.get(omega_site(p), pr.center)) for p, pr in spec.omegas])
     names = spec.names
     scale0 = 0.05 * np.array([pr.sd for _, pr in spec.typical] + [pr.sd for _, pr in spec.omegas])
     mode, nfev, converged, message = _mode(prob.log_posterior, start, spec.max_evaluations, progress, model_name, t0)
@@ -271,12 +276,12 @@ def calibrate(model_name: str, spec: CalibrationSpec, claims=None, dlt_model=Non
         "n_virtual_per_design": spec.n_virtual,
         "seed": spec.seed,
         "parameters": names,
-        "mode": {**values, **{f"omega_{k}": v for k, v in omegas.items()}},
+        "mode": {**values, **{omega_site(k): v for k, v in omegas.items()}},
         "mode_unconstrained": mode.tolist(),
         "scale": ["logit" if prob.kinds[p] == "fraction" else "log" for p, _ in spec.typical] + ["log"] * len(
             spec.omegas),
         "priors": {**{p: {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.typical},
-                   **{f"omega_{p}": {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.omegas}},
+                   **{omega_site(p): {"center": pr.center, "sd": pr.sd, "note": pr.note} for p, pr in spec.omegas}},
         **sampled,
         "log_posterior_at_mode": float(prob.log_posterior(mode)),
         "optimizer": {"evaluations": nfev, "converged": converged, "message": message},
@@ -314,8 +319,8 @@ def natural_draws(result: dict) -> list[tuple[dict, dict]]:
         values, omegas = {}, {}
         for name, scale, x in zip(result["parameters"], result["scale"], d):
             v = 1.0 / (1.0 + math.exp(-x)) if scale == "logit" else math.exp(x)
-            if name.startswith("omega_"):
-                omegas[name[len("omega_"):]] = v
+            if parameter_of_omega(name):
+                omegas[parameter_of_omega(name)] = v
             else:
                 values[name] = v
         out.append((values, omegas))
@@ -395,7 +400,7 @@ class LinkProblem:
         kinetic = {}
         for m, p, pr in self.spec.kinetic:
             if m in kinetic:
-                raise ValueError(f"link calibration: one kinetic parameter per model ({m!r} has two)")
+                raise InputError(f"link calibration: one kinetic parameter per model ({m!r} has two)")
             kinetic[m] = (p, pr)
         self.kinetic = kinetic
         self.cache = {}  # (model, row) -> (peaks, burden) or, for kinetic models, (grid, log peaks table, burden)
@@ -413,18 +418,18 @@ class LinkProblem:
             for g in grid:
                 ds = arm.simulate({**values, p: math.exp(g)}, omegas)
                 ok = ~ds["failed"].values if ok is None else ok & ~ds["failed"].values
-                table.append(np.log(np.maximum(self.template.exposure(ds[self.template.peak_observable]).values,
-                                               1e-300)))
-                if self.template.burden_covariate in ds:
-                    burden = ds[self.template.burden_covariate].values
+                link = self.template.for_model(arm.model)
+                table.append(np.log(np.maximum(link.exposure(ds[link.peak_observable]).values, 1e-300)))
+                if link.burden_covariate in ds:
+                    burden = ds[link.burden_covariate].values
             self.cache[(m, row)] = (grid, np.array(table)[:, ok], None if burden is None else burden[ok])
 
     def _peaks(self, arm, values, omegas):
         ds = arm.simulate(values, omegas)
         ok = ~ds["failed"].values
-        burden = ds[self.template.burden_covariate].values if self.template.burden_covariate in ds else None
-        return self.template.exposure(ds[self.template.peak_observable]).values[ok], \
-            None if burden is None else burden[ok]
+        link = self.template.for_model(arm.model)
+        burden = ds[link.burden_covariate].values if link.burden_covariate in ds else None
+        return link.exposure(ds[link.peak_observable]).values[ok], None if burden is None else burden[ok]
 
     def peaks(self, m: str, row: str, kinetic: dict):
         """(peaks, burden) of an arm's virtual patients at the kinetic parameter value in ``kinetic``."""

@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from carkin.errors import CarkinError
+
 DEFAULT_FRACTIONS = "0.1,0.3,0.6"
 DEFAULT_DAYS = "0,1,2"
 DEFAULT_TIMES = "0:90:1"
@@ -29,7 +31,7 @@ EXIT_USAGE = 2
 PROG = "carkin"
 
 
-class CliError(Exception):
+class CliError(CarkinError):
     """A user error with a message fit for one line on stderr."""
 
 
@@ -159,7 +161,7 @@ def _nca_frame(ds, variable: str):
     res = nca(ds, variable=variable)
     if "failed" in ds:
         res = res.where(~ds["failed"].astype(bool))  # a failed solve has no trustworthy endpoints
-    df = res.to_dataframe().reset_index()
+    df = res.to_dataframe().reset_index().drop(columns=["dose_per_kg", "schedule"], errors="ignore")
     info = {r.label: r for r in regimen_info(ds)}
     df.insert(1, "dose_per_kg", [info[str(x)].dose_per_kg for x in df["regimen"]])
     df.insert(2, "schedule", [info[str(x)].schedule for x in df["regimen"]])
@@ -213,7 +215,7 @@ def _cmd_simulate(args) -> int:
         csv = stem.parent / f"{stem.name}_nca.csv"
         png = stem.parent / f"{stem.name}.png"
         outputs = _outputs(args, [out, csv, png], "simulation outputs")
-    variable = "car_copies" if any(o.name == "car_copies" for o in model.observables) else model.observables[0].name
+    variable = model.role("exposure", required=False) or model.observables[0].name
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -237,6 +239,7 @@ def _cmd_simulate(args) -> int:
     if out is not None:
         from carkin.plots import plot_panel
 
+        assert outputs is not None  # set together with out
         with outputs:
             ds.to_netcdf(outputs.temp(out), engine="h5netcdf")
             df.to_csv(outputs.temp(csv), index=False)
@@ -663,7 +666,9 @@ def _cmd_trial(args) -> int:
                        expected_dlt=oc["expected_dlt_per_dose"][k])
         rows.append(row)
     summary = pd.DataFrame(rows)
-    patient_cols = [k for k in ds.data_vars if k.startswith("patient_") and ds[k].dims == ("patient",)]
+    # the attr-defined ignore: xarray types variable names as Hashable; these are str
+    patient_cols = [k for k in ds.data_vars
+                    if k.startswith("patient_") and ds[k].dims == ("patient",)]  # type: ignore[attr-defined]
     with outputs:
         ds.to_netcdf(outputs.temp(out / "trial.nc"), engine="h5netcdf")
         outputs.temp(out / "operating_characteristics.json").write_text(json.dumps(oc, indent=1))
@@ -718,6 +723,7 @@ def _cmd_qualify(args) -> int:
     if args.out:
         import pandas as pd
 
+        assert outputs is not None  # set when args.out is
         with outputs:
             pd.concat(frames).to_csv(outputs.temp(args.out), index=False)
         print(f"wrote {args.out}")
@@ -996,19 +1002,22 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        from carkin.config import configure
+
+        configure()  # every core a device; compiled programs cached on disk for the next run
         args.argv = argv
         return args.func(args)
-    # User input errors surface as these types from carkin (ValueError for bad values, KeyError
-    # for unknown names, OSError for files); anything else is a bug and keeps its traceback.
+    # carkin's own errors (CarkinError: bad input, explained numerical failures) and the system's file
+    # errors (OSError: missing file, no permission, disk full) are one line; anything else is a bug
+    # and keeps its traceback.
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output file was changed (outputs are replaced only when complete)",
               file=sys.stderr)
         return 130
     except Exception as e:
         from carkin.data import DatasetError
-        from carkin.inference import FitError
 
-        if not isinstance(e, (CliError, ValueError, TypeError, KeyError, OSError, FitError)):
+        if not isinstance(e, (CarkinError, OSError)):
             raise
         if os.environ.get("CARKIN_DEBUG"):
             raise

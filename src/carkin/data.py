@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from carkin.errors import InputError
 from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, TOTAL_CELLS_RANGE, UNIT_RANGES, unknown_keys
 
 MISSING = frozenset({"", ".", "NA"})  # an empty cell, NONMEM's dot or R's NA
@@ -81,7 +82,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """Every problem found in a dataset, one per line."""
 
     def __init__(self, path, problems):
@@ -171,7 +172,7 @@ class StudyData:
         index = {sid: i for i, sid in enumerate(self.ids)}
         unknown = [sid for sid in wanted if sid not in index]
         if unknown:
-            raise ValueError(f"{self.path}: no subject with ID {', '.join(map(str, unknown))}; IDs are {self.ids}")
+            raise InputError(f"{self.path}: no subject with ID {', '.join(map(str, unknown))}; IDs are {self.ids}")
         keep = np.array(sorted({index[sid] for sid in wanted}), dtype=int)
         new_index = np.full(self.n_subjects, -1)
         new_index[keep] = np.arange(len(keep))
@@ -252,7 +253,7 @@ def read_dataset(path, sidecar=None, *, amt_unit: str | None = None) -> StudyDat
     problems += found
     if amt_unit is not None:
         if amt_unit not in AMT_UNITS or settings.amt_unit not in (None, amt_unit):
-            raise ValueError(f"amt_unit={amt_unit!r}: give \"cells\" or \"cells/kg\", and only for a file whose "
+            raise InputError(f"amt_unit={amt_unit!r}: give \"cells\" or \"cells/kg\", and only for a file whose "
                              f"sidecar does not state it (it says {settings.amt_unit!r})")
         settings = dataclasses.replace(settings, amt_unit=amt_unit)
 
@@ -418,12 +419,14 @@ def _observable_spec(key: str, table) -> tuple[ObservableSpec | None, list[str]]
                         "> 0 in natural units (not log), or leave it out")
     if messages:
         return None, messages
+    assert isinstance(name, str)  # else a message was added above
     return ObservableSpec(name.strip(), unit, transform, scale, None if lloq is None else float(lloq)), []
 
 
 def _conflicting_specs(specs: dict) -> list[str]:
     """Two DVIDs may name one observable only if they describe it alike: the dataset keeps one spec per name."""
-    first, messages = {}, []
+    first: dict[str, tuple] = {}
+    messages: list[str] = []
     for key, spec in specs.items():
         other = first.setdefault(spec.name, (key, spec))
         if other[1] != spec:
@@ -486,7 +489,7 @@ def _drop_commented(names: list[str], columns: dict, data: list) -> tuple[list, 
 
 def _columns(names: list[str]) -> dict[str, int]:
     """Column name -> field index (first of duplicates; unnamed columns left out)."""
-    columns = {}
+    columns: dict[str, int] = {}
     for i, name in enumerate(names):
         if name:
             columns.setdefault(name, i)
@@ -572,9 +575,9 @@ def _number(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError("is not a number") from None
+        raise InputError("is not a number") from None
     if not math.isfinite(value):
-        raise ValueError("is not a finite number")
+        raise InputError("is not a finite number")
     return value
 
 
@@ -691,7 +694,7 @@ def _observation(file: str, r: _Row, specs: dict, default_spec) -> tuple[_Obs | 
     elif not blq and dv is None:
         problem("DV", "DV is missing on an observation record (EVID 0, MDV 0); give the measured value, or flag "
                 "it BLQ=1 with an LLOQ")
-    elif not blq and spec.scale == "log" and spec.transform == "none" and dv <= 0:
+    elif not blq and spec.scale == "log" and spec.transform == "none" and dv is not None and dv <= 0:
         problem("DV", f"DV {r.text['DV']} is not > 0 but {_label(spec)} is on a log scale; flag the record BLQ=1 "
                 "with an LLOQ, or declare scale = \"linear\" for it in the sidecar")
     if problems:
@@ -746,7 +749,9 @@ def _label(spec: ObservableSpec) -> str:
 
 def _order_problems(file: str, rows: list[_Row]) -> list[Problem]:
     """Each subject's records together, each with a TIME, in time order."""
-    problems, last_row, previous = [], {}, {}
+    problems: list[Problem] = []
+    last_row: dict[object, int] = {}
+    previous: dict[object, _Row] = {}
     prev_id = object()
     for r in rows:
         if r.id != prev_id and r.id in last_row:
@@ -769,10 +774,11 @@ def _order_problems(file: str, rows: list[_Row]) -> list[Problem]:
 
 
 def _duplicate_problems(file: str, dose_rows: list[_Row], observations: list[_Obs]) -> list[Problem]:
-    problems, first = [], {}
+    problems: list[Problem] = []
+    first: dict[tuple, int] = {}
     for r in dose_rows:
         if "TIME" in r.num:
-            key = ("dose", r.id, r.num["TIME"])
+            key: tuple = ("dose", r.id, r.num["TIME"])
             if key in first:
                 problems.append(Problem(file, r.row, r.id, "TIME", f"duplicate dose: ID {r.id} already has a dose at "
                                         f"TIME {r.text['TIME']} (row {first[key]}); give one dose record per "
@@ -844,7 +850,7 @@ def _time_varying_problems(file: str, rows: list[_Row], covariates: list[str]) -
 
 def _first_values(rows: list[_Row], column: str) -> dict:
     """Each subject's first non-missing text in ``column``."""
-    first = {}
+    first: dict[object, str] = {}
     for r in rows:
         text = r.text.get(column, "")
         if text not in MISSING:
@@ -913,7 +919,7 @@ def _ids(ids: list) -> str:
 
 def _assemble(file, subjects, dose_rows, cells, observations, covariates, amt_unit, meta) -> StudyData:
     index = {sid: i for i, sid in enumerate(subjects)}
-    doses = [[] for _ in subjects]
+    doses: list[list[tuple]] = [[] for _ in subjects]
     for r, c in zip(dose_rows, cells):
         doses[index[r.id]].append((r.num["TIME"], c))
     n_doses = np.array([len(d) for d in doses], dtype=int)

@@ -22,6 +22,7 @@ from carkin.inference import (
     problem_from_tree,
     simulate_replicates,
 )
+from carkin.population import Z_SITE, eta_variable, omega_site, parameter_of_omega
 
 INTERVAL = 0.90  # reported credible interval (equal-tailed)
 VPC_PERCENTILES = (5, 50, 95)
@@ -34,8 +35,8 @@ def shrinkage(tree: xr.DataTree) -> dict[str, float]:
     post = tree["posterior"].to_dataset()
     out = {}
     for name in (str(n) for n in np.atleast_1d(tree.attrs["random"]) if str(n)):
-        eta_mean = post[f"eta_{name}"].mean(("chain", "draw")).values
-        omega = float(post[f"omega_{name}"].mean())
+        eta_mean = post[eta_variable(name)].mean(("chain", "draw")).values
+        omega = float(post[omega_site(name)].mean())
         out[name] = float(1.0 - np.std(eta_mean, ddof=1) / omega) if eta_mean.size > 1 else float("nan")
     return out
 
@@ -53,7 +54,7 @@ def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
     rows = []
     for k in sites:
         v = post[k].values.ravel()
-        name = k[len("omega_"):] if k.startswith("omega_") else None
+        name = parameter_of_omega(k)
         rows.append({
             "parameter": k, "units": post[k].attrs.get("units", ""), "mean": v.mean(), "sd": v.std(ddof=1),
             "median": np.median(v), f"q{lo * 100:g}": np.quantile(v, lo), f"q{hi * 100:g}": np.quantile(v, hi),
@@ -91,7 +92,7 @@ def individual_curves(tree: xr.DataTree, subjects=None, n_draws: int = 100, n_po
     """
     problem = problem_from_tree(tree)
     d = problem.design
-    ids = list(tree["constant_data"]["subject"].values.astype(str))
+    ids = list(tree["constant_data"]["subject"].values.astype(str))  # type: ignore[union-attr]  # a variable: DataArray
     chosen = ids if subjects is None else [str(s) for s in subjects]
     rows = np.array([ids.index(s) for s in chosen])
     t_end = float(np.max(d.times))
@@ -102,7 +103,7 @@ def individual_curves(tree: xr.DataTree, subjects=None, n_draws: int = 100, n_po
 
     def curves(params):
         theta = problem.individual(params)[rows]
-        theta0 = problem.individual({**params, "z": 0.0 * params["z"]})[rows] if problem.random else theta
+        theta0 = problem.individual({**params, Z_SITE: 0.0 * params[Z_SITE]})[rows] if problem.random else theta
         args = (np.broadcast_to(grid, (rows.size, grid.size)), d.dose_times[rows], d.dose_cells[rows])
         f, _ = predict_grid(model, d.observables, *args, theta, d.model_covariates[rows])
         f0, _ = predict_grid(model, d.observables, *args, theta0, d.model_covariates[rows])

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from carkin.errors import InputError
+
 KINDS = ("kinetics", "response", "toxicity", "normal_cells")
 COLUMNS = (
     "row_id", "kind", "product", "target", "cell_type", "product_type", "disease", "population", "age_years",
@@ -49,7 +51,7 @@ TOLERANCE_RULES = {
 }
 
 
-class EvidenceError(ValueError):
+class EvidenceError(InputError):
     """An evidence table or row that cannot be used, named with its file and row."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from carkin import diagnostics
-from carkin.observation import PREDICTION_FLOOR
+from carkin.errors import InputError
+from carkin.observation import ErrorModel
 from carkin.outputs import save_figure
 from carkin.plots import DPI, MAX_DECADES, _clip_log_limits, _wrap
+from carkin.population import sigma_add_site, sigma_site
 
 __all__ = ["plot_gof", "plot_individual_fits", "plot_vpc", "save_fit_plots"]
 
@@ -34,7 +37,7 @@ PRED_COLOUR = "tab:blue"
 POP_COLOUR = "tab:orange"
 BLQ_COLOUR = "tab:red"
 VPC_MEDIAN_COLOUR = "#1f3f77"  # darker than PRED_COLOUR
-LLOQ_STYLE = {"color": "0.45", "ls": "--", "lw": 0.9}
+LLOQ_STYLE: dict[str, Any] = {"color": "0.45", "ls": "--", "lw": 0.9}
 SQRT_TIME_AFTER = 60.0  # days of follow-up beyond which time axes are drawn on a square-root scale
 TIME_TICKS = (0, 7, 14, 28, 56, 90, 180, 365, 730, 1095, 1460, 1825)
 # Predictions may fall far below anything measured (before expansion, after clearance);
@@ -114,16 +117,8 @@ def _sigma(tree: xr.DataTree, site: str) -> float:
 
 
 def _iwres(kind: str, dv, ipred, sigma: float, sigma_add: float = 0.0) -> np.ndarray:
-    """Individual weighted residuals under the observable's error model (posterior-median sigmas)."""
-    dv, f = np.asarray(dv, dtype=float), np.maximum(np.asarray(ipred, dtype=float), PREDICTION_FLOOR)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if kind == "log-additive":
-            return (np.log(dv) - np.log(f)) / sigma
-        if kind == "proportional":
-            return (dv - f) / (sigma * f)
-        if kind == "combined":
-            return (dv - f) / np.sqrt(sigma_add**2 + (sigma * f) ** 2)
-    raise ValueError(f"unknown error model {kind!r}")
+    """Individual weighted residuals under the error model named ``kind`` (posterior-median sigmas)."""
+    return ErrorModel(kind).residual(dv, ipred, sigma, sigma_add)
 
 
 def _time_axis(ax, t_min: float, t_max: float) -> str:
@@ -136,7 +131,8 @@ def _time_axis(ax, t_min: float, t_max: float) -> str:
         return TIME_LABEL
     # signed, so the axis can start a hair before day 0 and markers there are not cut in half
     ax.set_xscale("function", functions=(lambda t: np.sign(t) * np.sqrt(np.abs(t)), lambda u: np.sign(u) * u**2))
-    ticks, gap = [], math.sqrt(t_max) / 13  # keep tick labels apart in the scaled space
+    ticks: list[int] = []
+    gap = math.sqrt(t_max) / 13  # keep tick labels apart in the scaled space
     for d in TIME_TICKS:
         if d <= t_max * 1.05 and (not ticks or math.sqrt(d) - math.sqrt(ticks[-1]) >= gap):
             ticks.append(d)
@@ -161,7 +157,7 @@ def plot_individual_fits(tree: xr.DataTree, curves: xr.Dataset, max_subjects: in
     df = _observations(tree)
     subjects = [str(s) for s in curves["subject"].values[:max_subjects]]
     if not subjects:
-        raise ValueError("plot_individual_fits: the curves have no subjects")
+        raise InputError("plot_individual_fits: the curves have no subjects")
     names = [str(o) for o in curves["observable"].values]
     units = {**_units(tree), **json.loads(curves.attrs.get("observable_units", "{}"))}
     long_names = _long_names(tree)
@@ -259,13 +255,13 @@ def plot_gof(tree: xr.DataTree) -> Figure:
     units, long_names = _units(tree), _long_names(tree)
     errors = json.loads(tree.attrs.get("error_models", "{}"))
     fig = Figure(figsize=(15.0, 3.9 * len(names) + 0.9), layout="constrained")
-    rows = np.atleast_1d(fig.subfigures(len(names), 1))
+    rows = np.atleast_1d(fig.subfigures(len(names), 1))  # type: ignore[arg-type]  # wraps a lone SubFigure
     for sub_fig, name in zip(rows, names):
         sub = df[df["observable"] == name]
         keep = sub[_quantified(sub)]
-        kind = errors.get(name, "log-additive")
-        res = _iwres(kind, keep["dv"], keep["ipred"], _sigma(tree, f"sigma_{name}"),
-                    _sigma(tree, f"sigma_add_{name}") if kind == "combined" else 0.0)
+        err = ErrorModel(errors.get(name))
+        res = err.residual(keep["dv"], keep["ipred"], _sigma(tree, sigma_site(name)),
+                           _sigma(tree, sigma_add_site(name)) if err.has_additive else 0.0)
         axes = sub_fig.subplots(1, 4)
         unit = units.get(name, "")
         _identity_panel(axes[0], keep["pred"], keep["dv"], _label("population prediction", unit),
@@ -279,7 +275,7 @@ def plot_gof(tree: xr.DataTree) -> Figure:
         axes[3].set_title("IWRES vs individual prediction", fontsize="medium")
         left_out = int(len(sub) - len(keep))
         note = f"{left_out} of {len(sub)} records BLQ or missing, not shown" if left_out else "no BLQ records"
-        sub_fig.suptitle(f"{long_names.get(name, name)} — {kind} error — {note}", fontsize="medium")
+        sub_fig.suptitle(f"{long_names.get(name, name)} — {err.name} error — {note}", fontsize="medium")
     handles = [Line2D([], [], marker="o", color=PRED_COLOUR, alpha=0.6, ls="none", ms=4),
                Line2D([], [], color="0.2", lw=1.0), Line2D([], [], color="0.4", lw=0.9, ls="--")]
     labels = ["quantified observation", "identity (observed = predicted) / IWRES = 0", f"IWRES = ±{Z_REF}"]
@@ -342,7 +338,7 @@ def plot_vpc(vpc_df: pd.DataFrame, labels: dict | None = None) -> Figure:
     """
     names = list(dict.fromkeys(vpc_df["observable"].astype(str)))
     if not names:
-        raise ValueError("plot_vpc: the VPC table is empty")
+        raise InputError("plot_vpc: the VPC table is empty")
     has_lloq = {n: bool(np.isfinite(vpc_df.loc[vpc_df["observable"] == n, "lloq"]).any()) for n in names}
     nrows = 2 if any(has_lloq.values()) else 1
     # one observable still needs room for a legend three entries wide
@@ -431,7 +427,8 @@ def fit_figures(tree: xr.DataTree, curves: xr.Dataset | None = None, vpc_df: pd.
     ``curves`` and ``vpc_df`` are computed with ``carkin.diagnostics`` when not given (the
     first ``max_subjects`` subjects for the individual fits)."""
     if curves is None:
-        ids = [str(s) for s in tree["constant_data"]["subject"].values[:max_subjects]]
+        # the index ignore: a variable of the tree is a DataArray, so .values is an array
+        ids = [str(s) for s in tree["constant_data"]["subject"].values[:max_subjects]]  # type: ignore[index]
         curves = diagnostics.individual_curves(tree, subjects=ids)
     if vpc_df is None:
         vpc_df = diagnostics.vpc(tree)

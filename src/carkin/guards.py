@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from carkin.errors import InputError
+
 MEMORY_FRACTION = 0.5  # of the memory available now: the rest is for the solver, Python and the system
 MAX_SEED = 2**63 - 1  # seeds go to JAX's PRNGKey and NumPy's generator as signed 64-bit integers
 
@@ -27,16 +29,16 @@ def check_memory(n_bytes: float, what: str, fix: str) -> None:
     """Refuse ``what`` when its arrays need more than MEMORY_FRACTION of the available memory."""
     limit = MEMORY_FRACTION * available_memory()
     if n_bytes > limit:
-        raise ValueError(f"{what} would need about {n_bytes / 1e9:,.1f} GB of memory for its results, more than the "
+        raise InputError(f"{what} would need about {n_bytes / 1e9:,.1f} GB of memory for its results, more than the "
                          f"{limit / 1e9:,.1f} GB this machine can give it now; {fix}")
 
 
 def check_seed(seed) -> int:
     """A seed the random generators take: a whole number in [0, 2^63 - 1]."""
     if isinstance(seed, bool) or not isinstance(seed, int) and not (hasattr(seed, "__index__")):
-        raise ValueError(f"seed={seed!r} must be a whole number in [0, {MAX_SEED}]")
+        raise InputError(f"seed={seed!r} must be a whole number in [0, {MAX_SEED}]")
     seed = int(seed)
     if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} is outside [0, {MAX_SEED}] (a signed 64-bit integer, what the random "
+        raise InputError(f"seed={seed} is outside [0, {MAX_SEED}] (a signed 64-bit integer, what the random "
                          "generators take); give a smaller non-negative seed")
     return seed

@@ -13,7 +13,6 @@ log_likelihood, posterior_predictive, observed_data, constant_data), with
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,19 +24,30 @@ import numpyro
 import numpyro.distributions as dist
 import xarray as xr
 
-from carkin import observation
 from carkin.data import StudyData
+from carkin.errors import CarkinError, InputError, InputTypeError
 from carkin.guards import check_memory, check_seed
 from carkin.kinetics import Model
 from carkin.observation import ErrorModel
-from carkin.population import CovariateEffect, effect_columns, from_unconstrained, to_unconstrained
+from carkin.population import (
+    CENTRED_SITE,
+    Z_SITE,
+    CovariateEffect,
+    Population,
+    effect_columns,
+    eta_variable,
+    individual_variable,
+    omega_site,
+    sigma_add_site,
+    sigma_site,
+    transform_of,
+)
+from carkin.samplers import NUTS, SVI, from_arguments
 from carkin.solve import solve_subject
 
-CENTRED_SITE = "h_centred"  # sampled site of the random effects when some are centred
 PRIOR_LOG_SD = 1.0  # default prior of a typical value: a factor e either way on its log/logit scale
 OMEGA_PRIOR_FACTOR = 2.0  # default omega prior: HalfNormal(2 x the model's omega)
 OMEGA_PRIOR_DEFAULT = 1.0  # ... or HalfNormal(1) where the model gives none
-SIGMA_PRIOR_SCALE = 1.0  # HalfNormal scale of proportional / log-scale residual SDs
 RHAT_MAX = 1.01
 ESS_PER_CHAIN_MIN = 100
 TREE_DEPTH_SATURATION_MAX = 0.01  # fraction of draws allowed to hit the maximal tree depth
@@ -58,7 +68,7 @@ class FitWarning(UserWarning):
 FIT_ARRAYS_PER_OBS = 2 * 4
 
 
-class FitError(RuntimeError):
+class FitError(CarkinError, RuntimeError):
     """The fit itself failed numerically (not a problem with the arguments)."""
 
 
@@ -67,7 +77,7 @@ NO_START = ("no starting point with a finite log density was found (every solve 
             "data")
 
 
-class ModelDataError(ValueError):
+class ModelDataError(InputError):
     """The dataset does not fit the model (unknown observable, missing covariate...)."""
 
 
@@ -242,21 +252,14 @@ class FitProblem:
     centred: tuple[str, ...] = ()  # random parameters sampled centred (see _standardised_effects)
 
     # -- structure ------------------------------------------------------------------
+    @property
+    def population(self) -> Population:
+        return Population(self.model, self.estimated, self.random, self.columns)
+
     def subject_parameters(self, params: dict, x_row, z_row):
         """(P,) values of every model parameter for one subject with covariate-effect row ``x_row``
         and standardised random effects ``z_row`` (one per ``random`` parameter)."""
-        typ = dict(self.model.values)
-        kinds = {p.name: {"positive": 0, "fraction": 1, "real": 2}[p.kind] for p in self.model.parameters}
-        values = []
-        for name in self.model.parameter_names:
-            if name not in self.estimated:
-                values.append(jnp.asarray(typ[name], float))
-                continue
-            h = self.typical_unconstrained(params, x_row, name)
-            if name in self.random:
-                h = h + params[f"omega_{name}"] * z_row[self.random.index(name)]
-            values.append(from_unconstrained(h, kinds[name]))
-        return jnp.stack(values)
+        return self.population.individual(params, z_row, x_row)
 
     @property
     def forward_mode_parameters(self):
@@ -266,22 +269,12 @@ class FitProblem:
             return None
         return tuple(self.model.parameter_names.index(n) for n in self.estimated)
 
-    def typical_unconstrained(self, params: dict, x_row, name: str):
-        """Unconstrained typical value of parameter ``name`` for a subject with covariate-effect
-        row ``x_row``: the centre of that subject's random effect."""
-        kind = {"positive": 0, "fraction": 1, "real": 2}[self.model.parameter(name).kind]
-        h = to_unconstrained(params[name], kind)
-        for c, col in enumerate(self.columns):
-            if col.parameter == name:
-                h = h + params[col.name] * x_row[c]
-        return h
-
     def individual(self, params: dict):
         """(S, P) individual values of every model parameter from the sampled sites."""
         S = self.design.n_subjects
-        z = params["z"] if self.random else jnp.zeros((S, 0))
+        z = params[Z_SITE] if self.random else jnp.zeros((S, 0))
         x = np.asarray(self.x, float).reshape(S, -1)  # (S, 0) when there are no covariate effects
-        return jax.vmap(lambda x_row, z_row: self.subject_parameters(params, x_row, z_row))(x, z)
+        return self.population.individual(params, z, x)
 
     def predictions(self, theta):
         """Individual predictions at every observation (N,) and an all-solves-ok flag."""
@@ -300,8 +293,8 @@ class FitProblem:
         ll = None
         for k, name in enumerate(d.observables):
             err = self.errors[name]
-            add = params.get(f"sigma_add_{name}", 0.0)
-            term = observation.log_likelihood(err.kind, y, f, blq, lloq, params[f"sigma_{name}"], add)
+            add = params.get(sigma_add_site(name), 0.0)
+            term = err.log_likelihood(y, f, blq, lloq, params[sigma_site(name)], add)
             # elementwise selection, not a scatter: fewer kernels in the sampler's gradient
             ll = term if ll is None else jnp.where(kind == k, term, ll)
         return ll
@@ -321,15 +314,15 @@ class FitProblem:
         total, start = 0.0, 0
         for k, censored, rows in groups:
             name = d.observables[k]
-            kind, sigma, add = self.errors[name].kind, params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)
+            err, sigma, add = self.errors[name], params[sigma_site(name)], params.get(sigma_add_site(name), 0.0)
             part = f[start:start + rows.size]
             start += rows.size
             if rows.size == 0:
                 continue
             if censored:
-                total = total + observation.log_censored(kind, d.lloq[rows], part, sigma, add).sum()
+                total = total + err.log_censored(d.lloq[rows], part, sigma, add).sum()
             else:
-                total = total + observation.log_density(kind, d.y[rows], part, sigma, add).sum()
+                total = total + err.log_density(d.y[rows], part, sigma, add).sum()
         return total, jnp.all(ok)
 
     def sample_measurements(self, params: dict, f, key):
@@ -338,14 +331,14 @@ class FitProblem:
         y = jnp.zeros_like(f)
         for j, name in enumerate(d.observables):
             idx = np.flatnonzero(d.obs_kind == j)
-            y = y.at[idx].set(observation.sample(self.errors[name].kind, jax.random.fold_in(key, j), f[idx],
-                                                 params[f"sigma_{name}"], params.get(f"sigma_add_{name}", 0.0)))
+            y = y.at[idx].set(self.errors[name].sample(jax.random.fold_in(key, j), f[idx], params[sigma_site(name)],
+                                                       params.get(sigma_add_site(name), 0.0)))
         return y
 
     def numpyro_model(self, obs=None):
         params = {site: numpyro.sample(site, prior) for site, prior in self.priors.items()}
         if self.random:
-            params["z"] = self._standardised_effects(params)
+            params[Z_SITE] = self._standardised_effects(params)
         theta = self.individual(params)
         if obs is None:
             total, ok = self.log_likelihood(params, theta)
@@ -368,16 +361,15 @@ class FitProblem:
         R = len(self.random)
         with numpyro.plate("subject", self.design.n_subjects):
             if not self.centred:
-                return numpyro.sample("z", dist.Normal(0.0, 1.0).expand([R]).to_event(1))
+                return numpyro.sample(Z_SITE, dist.Normal(0.0, 1.0).expand([R]).to_event(1))
             x = np.asarray(self.x, float).reshape(self.design.n_subjects, -1)
-            typical = jax.vmap(lambda row: jnp.stack([self.typical_unconstrained(params, row, n)
-                                                      for n in self.random]))(x)
+            typical = jnp.stack([self.population.typical_unconstrained(params, x, n) for n in self.random], axis=-1)
             centred = np.array([n in self.centred for n in self.random])
-            omega = jnp.stack([params[f"omega_{n}"] for n in self.random])
+            omega = jnp.stack([params[omega_site(n)] for n in self.random])
             loc = jnp.where(centred, typical, 0.0)
             scale = jnp.where(centred, omega, 1.0)
             raw = numpyro.sample(CENTRED_SITE, dist.Normal(loc, scale).to_event(1))
-        return numpyro.deterministic("z", (raw - loc) / scale)
+        return numpyro.deterministic(Z_SITE, (raw - loc) / scale)
 
 
 def default_priors(model: Model, estimated, random, columns, errors, design: Design, overrides: dict):
@@ -385,38 +377,29 @@ def default_priors(model: Model, estimated, random, columns, errors, design: Des
     priors, meta = {}, {}
     for name in estimated:
         p = model.parameter(name)
-        typ = dict(model.values)[name]
-        if p.kind == "positive":
-            prior = dist.LogNormal(math.log(typ), PRIOR_LOG_SD)
-        elif p.kind == "fraction":
-            prior = dist.TransformedDistribution(
-                dist.Normal(math.log(typ) - math.log1p(-typ), PRIOR_LOG_SD), dist.transforms.SigmoidTransform())
-        else:
-            prior = dist.Normal(typ, PRIOR_LOG_SD)
-        priors[name] = prior
+        priors[name] = transform_of(p).prior(dict(model.values)[name], PRIOR_LOG_SD)
         meta[name] = (p.unit, f"typical value of {p.description}")
     for name in random:
         p = model.parameter(name)
         scale = OMEGA_PRIOR_FACTOR * p.omega if p.omega > 0 else OMEGA_PRIOR_DEFAULT
-        priors[f"omega_{name}"] = dist.HalfNormal(scale)
-        scale_name = {"positive": "log", "fraction": "logit", "real": "natural"}[p.kind]
-        meta[f"omega_{name}"] = ("1", f"between-subject SD of {name} ({scale_name} scale)")
+        priors[omega_site(name)] = dist.HalfNormal(scale)
+        meta[omega_site(name)] = ("1", f"between-subject SD of {name} ({transform_of(p).scale} scale)")
     for col in columns:
         priors[col.name] = dist.Normal(0.0, 1.0)
         meta[col.name] = ("1", col.description)
     units = {o.name: o.unit for o in model.observables}
     for k, name in enumerate(design.observables):
         err = errors[name]
-        priors[f"sigma_{name}"] = dist.HalfNormal(SIGMA_PRIOR_SCALE)
-        what = "log-scale residual SD" if err.kind == "log-additive" else "proportional residual SD (CV)"
-        meta[f"sigma_{name}"] = ("1", f"{what} of {name}")
-        if err.has_additive:
-            y = design.y[(design.obs_kind == k) & ~design.blq]
-            priors[f"sigma_add_{name}"] = dist.HalfNormal(float(np.nanmedian(y)) if y.size else 1.0)
-            meta[f"sigma_add_{name}"] = (units[name], f"additive residual SD of {name}")
+        y = design.y[(design.obs_kind == k) & ~design.blq]
+        own = err.default_priors(float(np.nanmedian(y)) if y.size else 1.0)
+        priors[sigma_site(name)] = own["sigma"]
+        meta[sigma_site(name)] = ("1", f"{err.sigma_meaning} of {name}")
+        if "sigma_add" in own:
+            priors[sigma_add_site(name)] = own["sigma_add"]
+            meta[sigma_add_site(name)] = (units[name], f"additive residual SD of {name}")
     unknown = sorted(set(overrides) - set(priors))
     if unknown:
-        raise ValueError(f"priors given for unknown site(s) {unknown}; the model's sites are {sorted(priors)}")
+        raise InputError(f"priors given for unknown site(s) {unknown}; the model's sites are {sorted(priors)}")
     priors.update(overrides)
     return priors, meta
 
@@ -425,40 +408,40 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
                  covariate_effects=(), error=None, priors=None, centred=()) -> FitProblem:
     """Assemble the population problem, checking every name against the model and the data."""
     if not isinstance(model, Model):
-        raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
+        raise InputTypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
     pnames = model.parameter_names
     fixed = dict(fixed or {})
     for group, names in (("estimate", estimate or ()), ("fixed", fixed), ("variability", variability or ())):
         bad = sorted(set(names) - set(pnames))
         if bad:
-            raise ValueError(f"{group}: model {model.name!r} has no parameter(s) {bad}; its parameters are "
+            raise InputError(f"{group}: model {model.name!r} has no parameter(s) {bad}; its parameters are "
                              f"{list(pnames)}")
     if fixed:
         model = model.with_values(**fixed)
     estimated = tuple(n for n in pnames if (n in estimate if estimate is not None else n not in fixed))
     clash = sorted(set(estimated) & set(fixed))
     if clash:
-        raise ValueError(f"parameter(s) {clash} are both estimated and fixed; choose one")
+        raise InputError(f"parameter(s) {clash} are both estimated and fixed; choose one")
     if not estimated:
-        raise ValueError("nothing to estimate: every parameter is fixed")
+        raise InputError("nothing to estimate: every parameter is fixed")
     if variability is None:
         random = tuple(n for n in estimated if model.parameter(n).omega > 0)
     else:
         stray = sorted(set(variability) - set(estimated))
         if stray:
-            raise ValueError(f"variability on {stray} needs them estimated too (add them to estimate)")
+            raise InputError(f"variability on {stray} needs them estimated too (add them to estimate)")
         random = tuple(n for n in estimated if n in variability)
     centred = (centred,) if isinstance(centred, str) else tuple(centred)
     stray = sorted(set(centred) - set(random))
     if stray:
-        raise ValueError(f"centred: {stray} have no between-subject variability; only parameters with "
+        raise InputError(f"centred: {stray} have no between-subject variability; only parameters with "
                          f"variability can be centred ({list(random)})")
     design = build_design(model, data)
     scales = {n: spec.scale for n, spec in data.observables.items()}
     if isinstance(error, dict):
         stray = sorted(set(error) - set(design.observables))
         if stray:
-            raise ValueError(f"error: {stray} are not observables of this dataset; its observables are "
+            raise InputError(f"error: {stray} are not observables of this dataset; its observables are "
                              f"{list(design.observables)}")
     errors = {}
     for name in design.observables:
@@ -468,7 +451,7 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
     effects = tuple(e if isinstance(e, CovariateEffect) else CovariateEffect(*e) for e in covariate_effects)
     for e in effects:
         if e.parameter not in estimated:
-            raise ValueError(f"covariate effect on {e.parameter!r}: that parameter is not estimated")
+            raise InputError(f"covariate effect on {e.parameter!r}: that parameter is not estimated")
     columns, x = effect_columns(effects, data.covariates, data.path)
     prior_table, meta = default_priors(model, estimated, random, columns, errors, design, dict(priors or {}))
     return FitProblem(model, design, estimated, random, tuple(columns), x, errors, prior_table, meta,
@@ -481,7 +464,8 @@ def make_problem(model: Model, data: StudyData, *, estimate=None, fixed=None, va
 def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, covariate_effects=(), error=None,
         priors=None, centred=(), method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500,
         seed: int = 0, target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median",
-        svi_steps: int = 3000, svi_draws: int = 1000, progress: bool = True) -> xr.DataTree:
+        svi_steps: int = 3000, svi_draws: int = 1000, progress: bool = True,
+        sampler: NUTS | SVI | None = None) -> xr.DataTree:
     """Fit a population model of ``model`` to ``data`` (a StudyData or a CSV path).
 
     ``estimate``: parameters whose typical values are estimated (default: all not in
@@ -498,21 +482,25 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     start: ``median`` (prior medians) or ``svi`` (the variational fit's medians).
     The chains run as one compiled program split over every device (each CPU core is one),
     with the same draws however many devices there are.
+
+    ``sampler`` (carkin.samplers.NUTS or SVI) gives all of these settings as one object; with it,
+    leave ``method``, ``chains``, ``warmup``, ``samples``, ``target_accept``, ``max_tree_depth``,
+    ``init``, ``svi_steps`` and ``svi_draws`` at their defaults.
     Sampler problems are reported as FitWarning with what to try.
     """
     from carkin.data import read_dataset
 
     if not isinstance(data, StudyData):
         data = read_dataset(data)
-    if method not in ("nuts", "svi"):
-        raise ValueError(f"method must be 'nuts' or 'svi', got {method!r}")
-    if init not in ("median", "svi"):
-        raise ValueError(f"init must be 'median' or 'svi', got {init!r}")
-    for name, v in (("chains", chains), ("warmup", warmup), ("samples", samples), ("svi_steps", svi_steps),
-                    ("svi_draws", svi_draws)):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    n_draws = int(svi_draws) if method == "svi" else int(chains) * int(samples)
+    given = from_arguments(method, chains, warmup, samples, target_accept, max_tree_depth, init, svi_steps,
+                           svi_draws)
+    if sampler is None:
+        sampler = given
+    elif not isinstance(sampler, (NUTS, SVI)):
+        raise InputError(f"sampler must be carkin.NUTS(...) or carkin.SVI(...), got {sampler!r}")
+    elif given != NUTS():
+        raise InputError("give the sampler's settings either as sampler=... or as keyword arguments, not both")
+    n_draws = sampler.n_draws
     # The DataTree keeps per-draw, per-observation arrays (log-likelihood, predictions, replicates) and
     # per-draw, per-subject random effects: refuse a fit whose results cannot fit in memory before it runs.
     check_memory(8.0 * n_draws * (FIT_ARRAYS_PER_OBS * data.n_obs + len(model.parameters) * data.n_subjects),
@@ -524,19 +512,27 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     key = jax.random.PRNGKey(seed)
     k_fit, k_post = jax.random.split(key)
     t0 = time.perf_counter()
-    if method == "svi" or init == "svi":
-        draws, mode = _svi(problem, k_fit, svi_steps, svi_draws, progress)
+    nuts = sampler if isinstance(sampler, NUTS) else None
+    if nuts is None or nuts.init == "svi":
+        # the union-attr ignore: nuts is None only when sampler is an SVI, which mypy cannot link
+        steps, n_svi = ((nuts.svi_steps, svi_draws) if nuts is not None
+                        else (sampler.steps, sampler.draws))  # type: ignore[union-attr]
+        draws, mode = _svi(problem, k_fit, steps, n_svi, progress)
     stats, timing = None, {}
-    if method == "nuts":
-        start = mode if init == "svi" else None
-        draws, stats, timing = _nuts(problem, k_fit, chains, warmup, samples, target_accept, max_tree_depth, start,
-                                     progress)
+    if nuts is not None:
+        start = mode if nuts.init == "svi" else None
+        draws, stats, timing = _nuts(problem, k_fit, nuts.chains, nuts.warmup, nuts.samples, nuts.target_accept,
+                                     nuts.max_tree_depth, start, progress)
     elapsed = time.perf_counter() - t0
-    settings = {"method": method, "chains": chains if method == "nuts" else 1, "warmup": warmup, "samples": samples,
-                "seed": seed, "centred": list(problem.centred), "target_accept": target_accept,
-                "max_tree_depth": max_tree_depth, "init": init,
-                "svi_steps": svi_steps, "svi_draws": svi_draws, "fit_time_s": round(elapsed, 3),
-                "devices": jax.local_device_count(), **timing}
+    # the record keeps every setting (the chosen sampler's, the others at their defaults) for older readers
+    svi = sampler if isinstance(sampler, SVI) else SVI(svi_steps, svi_draws)
+    settings = {"method": "nuts" if nuts else "svi", "chains": nuts.chains if nuts else 1,
+                "warmup": nuts.warmup if nuts else warmup, "samples": nuts.samples if nuts else samples,
+                "seed": seed, "centred": list(problem.centred),
+                "target_accept": nuts.target_accept if nuts else target_accept,
+                "max_tree_depth": nuts.max_tree_depth if nuts else max_tree_depth, "init": nuts.init if nuts else init,
+                "svi_steps": nuts.svi_steps if nuts else svi.steps, "svi_draws": svi.draws,
+                "fit_time_s": round(elapsed, 3), "devices": jax.local_device_count(), **timing}
     tree = to_datatree(problem, data, draws, stats, settings, k_post)
     for message in convergence_report(tree):
         warnings.warn(message, FitWarning, stacklevel=2)
@@ -576,7 +572,7 @@ def _nuts(problem: FitProblem, key, chains, warmup, samples, target_accept, max_
     run = sample_posteriors(problem, jax.random.split(k_init, chains), jax.random.split(k_run, chains), None,
                             init, warmup=warmup, samples=samples, target_accept=target_accept,
                             max_tree_depth=max_tree_depth, progress=progress, label="NUTS chains")
-    keep = set(problem.priors) | {"z"}
+    keep = set(problem.priors) | {Z_SITE}
     draws = {k: v for k, v in run.draws.items() if k in keep}
     extra = run.stats
     stats = {
@@ -618,7 +614,7 @@ def _svi(problem: FitProblem, key, steps: int, n_draws: int, progress: bool):
                       FitWarning, stacklevel=3)
     mode = {k: np.asarray(v) for k, v in guide.median(result.params).items()}
     draws = guide.sample_posterior(k_draw, result.params, sample_shape=(n_draws,))
-    draws = {k: np.asarray(v)[None] for k, v in draws.items() if k in problem.priors or k == "z"}
+    draws = {k: np.asarray(v)[None] for k, v in draws.items() if k in problem.priors or k == Z_SITE}
     return draws, mode
 
 
@@ -634,7 +630,7 @@ def _derived(problem: FitProblem, draws: dict, key):
         f, _ = problem.predictions(theta)
         ll = problem.pointwise_log_likelihood(params, f)
         if problem.random:
-            theta0 = problem.individual({**params, "z": jnp.zeros_like(params["z"])})
+            theta0 = problem.individual({**params, Z_SITE: jnp.zeros_like(params[Z_SITE])})
         else:
             theta0 = theta
         f0, _ = problem.predictions(theta0)
@@ -676,18 +672,18 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
     }
     subject = {"subject": np.array(ids)}
 
-    post = {}
+    post: dict[str, tuple] = {}
     for site in problem.priors:
         unit, long_name = problem.site_meta.get(site, ("", site))
         post[site] = (("chain", "draw"), draws[site], {"units": unit, "long_name": long_name})
     for r, name in enumerate(problem.random):
-        eta = draws[f"omega_{name}"][..., None] * draws["z"][..., r]
-        post[f"eta_{name}"] = (("chain", "draw", "subject"), eta,
-                               {"units": "1", "long_name": f"random effect of {name} (omega * z)"})
+        eta = draws[omega_site(name)][..., None] * draws[Z_SITE][..., r]
+        post[eta_variable(name)] = (("chain", "draw", "subject"), eta,
+                                    {"units": "1", "long_name": f"random effect of {name} (omega * z)"})
     for j, name in enumerate(model.parameter_names):
         if name in problem.estimated:
             p = model.parameter(name)
-            post[f"ind_{name}"] = (("chain", "draw", "subject"), theta[..., j],
+            post[individual_variable(name)] = (("chain", "draw", "subject"), theta[..., j],
                                    {"units": p.unit, "long_name": f"individual {p.description}"})
     post["ipred"] = (("chain", "draw", "obs"), ipred, {"units": obs_units, "long_name": "individual prediction"})
     post["pred"] = (("chain", "draw", "obs"), pred,
@@ -714,7 +710,7 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
          "lloq": ("obs", d.lloq, {"units": obs_units, "long_name": "lower limit of quantification"}),
          "row": ("obs", np.asarray(data.obs_row, np.int64), {"units": "1", "long_name": "row in the data file"})},
         coords=obs_coords)
-    const = {
+    const: dict[str, tuple] = {
         "dose_time": (("subject", "dose"), d.dose_times, {"units": "day", "long_name": "infusion time"}),
         "dose_cells": (("subject", "dose"), d.dose_cells, {"units": "cells", "long_name": "infused CAR cells"}),
         "design_time": (("subject", "grid"), d.times, {"units": "day", "long_name": "observation times (padded)"}),
@@ -726,8 +722,8 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
         values = np.asarray(values)
         const[name] = ("subject", values.astype(str) if values.dtype == object else values.astype(float),
                        {"units": _cov_unit(data, name), "long_name": f"covariate {name}"})
-    for c, col in enumerate(problem.columns):
-        const[f"x_{col.name}"] = ("subject", problem.x[:, c], {"units": "1", "long_name": col.description})
+    for i, col in enumerate(problem.columns):
+        const[f"x_{col.name}"] = ("subject", problem.x[:, i], {"units": "1", "long_name": col.description})
     groups["constant_data"] = xr.Dataset(const, coords=subject)
 
     tree = xr.DataTree.from_dict(groups)
@@ -761,7 +757,7 @@ def _model_options(model: Model) -> dict:
 def population_sites(tree: xr.DataTree) -> list[str]:
     """Names of the population-level posterior variables (no subject or obs dimension)."""
     post = tree["posterior"].to_dataset()
-    return [k for k, v in post.data_vars.items() if v.dims == ("chain", "draw")]
+    return [k for k, v in post.data_vars.items() if v.dims == ("chain", "draw")]  # type: ignore[misc]  # names are str
 
 
 def stuck_chains(tree: xr.DataTree) -> list[int]:
@@ -854,7 +850,7 @@ def load_fit(path) -> xr.DataTree:
         tree = t.load()
     missing = [g for g in ("posterior", "observed_data", "constant_data") if g not in tree.children]
     if "model" not in tree.attrs or missing:
-        raise ValueError(f"{path} is not a carkin fit (written by carkin fit / save_fit): it lacks "
+        raise InputError(f"{path} is not a carkin fit (written by carkin fit / save_fit): it lacks "
                          f"{missing or ['the model attribute']}")
     return tree
 
@@ -899,7 +895,7 @@ def posterior_draws(tree: xr.DataTree) -> dict:
     draws = {s: post[s].values for s in population_sites(tree)}
     random = [n for n in np.atleast_1d(tree.attrs["random"]).astype(str) if n]
     if random:
-        draws["z"] = np.stack([post[f"eta_{n}"].values / post[f"omega_{n}"].values[..., None] for n in random],
+        draws[Z_SITE] = np.stack([post[eta_variable(n)].values / post[omega_site(n)].values[..., None] for n in random],
                               axis=-1)
     return draws
 
@@ -909,14 +905,14 @@ def simulate_replicates(problem: FitProblem, draws: dict, key, n_replicates: int
     draw of the population parameters, new subjects (new random effects) and residual error."""
     d = problem.design
     chains, n_draw = next(iter(draws.values())).shape[:2]
-    flat = {k: v.reshape((chains * n_draw,) + v.shape[2:]) for k, v in draws.items() if k != "z"}
+    flat = {k: v.reshape((chains * n_draw,) + v.shape[2:]) for k, v in draws.items() if k != Z_SITE}
 
     def one(params, k):
         k_pick, k_z, k_eps = jax.random.split(k, 3)
         i = jax.random.randint(k_pick, (), 0, chains * n_draw)
         p = {name: v[i] for name, v in params.items()}
         if problem.random:
-            p["z"] = jax.random.normal(k_z, (d.n_subjects, len(problem.random)))
+            p[Z_SITE] = jax.random.normal(k_z, (d.n_subjects, len(problem.random)))
         f, _ = problem.predictions(problem.individual(p))
         y = problem.sample_measurements(p, f, k_eps)
         return y

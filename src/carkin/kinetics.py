@@ -17,6 +17,8 @@ from typing import ClassVar, Literal
 
 import jax.numpy as jnp
 
+from carkin.errors import InputError, UnknownNameError
+
 Kind = Literal["positive", "fraction", "real"]
 
 
@@ -39,7 +41,7 @@ class Parameter:
     def __post_init__(self):
         check_value(self.name, self.value, self.kind)
         if not (math.isfinite(self.omega) and self.omega >= 0):
-            raise ValueError(
+            raise InputError(
                 f"parameter {self.name!r}: omega must be a finite number >= 0, got {self.omega!r}"
             )
 
@@ -49,13 +51,13 @@ def check_value(name: str, value, kind: Kind) -> None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"parameter {name!r} must be a number, got {value!r}") from None
+        raise InputError(f"parameter {name!r} must be a number, got {value!r}") from None
     if not math.isfinite(v):
-        raise ValueError(f"parameter {name!r} must be finite, got {value!r}")
+        raise InputError(f"parameter {name!r} must be finite, got {value!r}")
     if kind == "positive" and v <= 0:
-        raise ValueError(f"parameter {name!r} must be > 0, got {value!r}")
+        raise InputError(f"parameter {name!r} must be > 0, got {value!r}")
     if kind == "fraction" and not 0 < v < 1:
-        raise ValueError(f"parameter {name!r} is a fraction and must lie in (0, 1), got {value!r}")
+        raise InputError(f"parameter {name!r} is a fraction and must lie in (0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,36 @@ WEIGHT = Covariate(
 )
 
 
+# What generic code (NCA defaults, what-if, trials, plots, dosing per kg) needs to know of a model's
+# names. A model declares the ones it has in ``roles``; the model-contract test checks each names a
+# real observable, state or covariate.
+ROLES = {
+    "exposure": "the CAR level observable (copies/µg or cells/µL) that NCA and the toxicity link read",
+    "exposure_cells": "the CAR cell count observable (cells/µL), plotted beside the exposure",
+    "tumour": "the tumour observable (marrow blast %)",
+    "escape": "the antigen-negative tumour observable (blast %)",
+    "normal": "the antigen-positive normal-cell observable (cells/µL)",
+    "normal_state": "the antigen-positive normal-cell state",
+    "weight": "the body-weight covariate (kg) per-kg doses are multiplied by",
+    "burden": "the baseline tumour-burden covariate (% marrow blasts) the toxicity link reads",
+}
+CELL_TYPES = ("CAR-T", "CAR-NK")
+
+
+# Datasets without role attributes (hand-built, or written before roles were recorded) are read with
+# the library's convention: its models all call their exposure this.
+CONVENTIONAL_NAMES = {"exposure": "car_copies"}
+
+
+def variable_with_role(ds, role: str) -> str | None:
+    """The data variable of a Dataset that plays ``role``: the one whose ``role`` attribute says so (simulate
+    sets it), else the library's conventional name for the role if present, else None."""
+    marked = next((str(k) for k, v in ds.data_vars.items() if v.attrs.get("role") == role), None)
+    if marked is None and CONVENTIONAL_NAMES.get(role) in ds.data_vars:
+        return CONVENTIONAL_NAMES[role]
+    return marked
+
+
 @dataclass(frozen=True)
 class Model:
     """Base class of every carkin model. Subclasses are frozen dataclasses.
@@ -126,10 +158,10 @@ class Model:
     solver: ClassVar[SolverSettings] = SolverSettings()
     # how each observable is measured (residual error, LLOQ): carkin.observation.Assay per name
     assays: ClassVar[dict] = {}
-    # what generic code needs to know of the model's names (any may be absent):
-    # exposure (CAR level), tumour (marrow blast %), escape (antigen-negative blast %),
-    # normal (antigen-positive normal cells), weight (the body-weight covariate)
-    roles: ClassVar[dict] = {}
+    # what generic code needs to know of the model's names (ROLES; any but weight may be absent):
+    # generic code asks ``model.role(...)`` and never names a model's variables
+    roles: ClassVar[dict] = {"weight": WEIGHT.name}
+    cell_type: ClassVar[str] = "CAR-T"  # one of CELL_TYPES: selects the toxicity link's calibrated offset
 
     values: tuple[tuple[str, float], ...] = field(default=())
 
@@ -138,7 +170,7 @@ class Model:
         given = dict(self.values)
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"model {self.name!r} has no parameter(s) {unknown}; "
                 f"its parameters are {sorted(known)}"
             )
@@ -164,17 +196,29 @@ class Model:
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters)
 
+    def role(self, role: str, required: bool = True) -> str | None:
+        """The name of the variable that plays ``role`` (one of ROLES) in this model.
+
+        Missing and ``required``: a ValueError naming the model's roles; else None."""
+        if role not in ROLES:
+            raise InputError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        name = self.roles.get(role)
+        if name is None and required:
+            raise InputError(f"model {self.name!r} declares no {role!r} role ({ROLES[role]}); its roles: "
+                             f"{self.roles}. Declare it in the model's roles, or choose a variable explicitly")
+        return name
+
     def parameter(self, name: str) -> Parameter:
         for p in self.parameters:
             if p.name == name:
                 return p
-        raise KeyError(f"model {self.name!r} has no parameter {name!r}")
+        raise UnknownNameError(f"model {self.name!r} has no parameter {name!r}")
 
     def covariate(self, name: str) -> Covariate:
         for c in self.covariates:
             if c.name == name:
                 return c
-        raise KeyError(f"model {self.name!r} has no covariate {name!r}")
+        raise UnknownNameError(f"model {self.name!r} has no covariate {name!r}")
 
     @property
     def dose_index(self) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from carkin.errors import InputError
 from carkin.kinetics import Model
 
 
@@ -24,7 +25,7 @@ def load_model(name: str, **options) -> Model:
     (parameter values as ``values={...}``, or model settings such as ``product_type``)."""
     names = _module_names()
     if name not in names:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(names)}")
+        raise InputError(f"unknown model {name!r}; available models: {', '.join(names)}")
     cls = importlib.import_module(f"carkin.models.{name}").MODEL
     values = options.pop("values", {})
     model = cls(**options)

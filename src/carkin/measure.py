@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from carkin import observation
+from carkin.errors import InputError, InputTypeError
 from carkin.kinetics import Model
 from carkin.observation import Assay
 
@@ -42,11 +43,11 @@ def measure(ds: xr.Dataset, model: Model, *, seed: int = 0, observables=None, as
     names = list(observables) if observables is not None else [n for n in table if n in ds]
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"measure: no assay for {unknown} in model {model.name!r}; give assays={{name: Assay(...)}} "
+        raise InputError(f"measure: no assay for {unknown} in model {model.name!r}; give assays={{name: Assay(...)}} "
                          f"(assays known: {sorted(table)})")
     missing = [n for n in names if n not in ds]
     if missing:
-        raise ValueError(f"measure: the Dataset has no variable {missing}; variables are {list(ds.data_vars)}")
+        raise InputError(f"measure: the Dataset has no variable {missing}; variables are {list(ds.data_vars)}")
     key = jax.random.PRNGKey(seed)
     key = jax.random.fold_in(key, MEASUREMENT_STREAM)
     out = ds.copy()
@@ -54,7 +55,7 @@ def measure(ds: xr.Dataset, model: Model, *, seed: int = 0, observables=None, as
     for j, name in enumerate(names):
         assay: Assay = table[name]
         if not isinstance(assay, Assay):
-            raise TypeError(f"measure: the assay of {name!r} must be a carkin.observation.Assay, got {assay!r}")
+            raise InputTypeError(f"measure: the assay of {name!r} must be a carkin.observation.Assay, got {assay!r}")
         true = ds[name]
         lead = [d for d in true.dims if d not in ("subject", "time")]
         arr = true.transpose(*lead, "subject", "time").values

@@ -38,6 +38,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from carkin.errors import InputError, InputTypeError
+from carkin.kinetics import variable_with_role
+
 BLQ_RULE = (
     "A value is BLQ when it is missing (NaN) or below the LLOQ. BLQ values before the first "
     "quantifiable value are set to 0 (pre-expansion); BLQ values after it are treated as missing: "
@@ -79,16 +82,16 @@ def _check_options(method, partial_end, min_terminal_points, lambda_z_window=Non
                    contraction_end=CONTRACTION_END) -> tuple[float, float]:
     """Validate the options; returns the terminal window as (start, end) with infinite defaults."""
     if method not in METHODS:
-        raise ValueError(f"nca: unknown method {method!r}; accepted values are {list(METHODS)}")
+        raise InputError(f"nca: unknown method {method!r}; accepted values are {list(METHODS)}")
     if not np.isfinite(partial_end):
-        raise ValueError(f"nca: partial_end must be a finite time, got {partial_end!r}")
+        raise InputError(f"nca: partial_end must be a finite time, got {partial_end!r}")
     if int(min_terminal_points) != min_terminal_points or min_terminal_points < 3:
         # adjusted R² divides by n - 2, so a fit needs at least 3 points
-        raise ValueError(f"nca: min_terminal_points must be an integer >= 3, got {min_terminal_points!r}")
+        raise InputError(f"nca: min_terminal_points must be an integer >= 3, got {min_terminal_points!r}")
     if min_span_ratio is not None and not (np.isfinite(min_span_ratio) and min_span_ratio >= 0):
-        raise ValueError(f"nca: min_span_ratio must be a number >= 0 (or None for no rule), got {min_span_ratio!r}")
+        raise InputError(f"nca: min_span_ratio must be a number >= 0 (or None for no rule), got {min_span_ratio!r}")
     if not np.isfinite(contraction_end):
-        raise ValueError(f"nca: contraction_end must be a finite time, got {contraction_end!r}")
+        raise InputError(f"nca: contraction_end must be a finite time, got {contraction_end!r}")
     if lambda_z_window is None:
         return -np.inf, np.inf
     try:
@@ -96,10 +99,10 @@ def _check_options(method, partial_end, min_terminal_points, lambda_z_window=Non
         lo = -np.inf if start is None else float(start)
         hi = np.inf if end is None else float(end)
     except (TypeError, ValueError):
-        raise ValueError(f"nca: lambda_z_window must be (start, end) in days (None for open), got "
+        raise InputError(f"nca: lambda_z_window must be (start, end) in days (None for open), got "
                          f"{lambda_z_window!r}") from None
     if not lo < hi:
-        raise ValueError(f"nca: lambda_z_window must have start < end, got {lambda_z_window!r}")
+        raise InputError(f"nca: lambda_z_window must have start < end, got {lambda_z_window!r}")
     return lo, hi
 
 
@@ -235,7 +238,7 @@ def _as_days(time) -> np.ndarray:
         t = t / np.timedelta64(1, "D")
     t = t.astype(float)
     if not (t.size and np.all(np.isfinite(t)) and np.all(np.diff(t) > 0)):
-        raise ValueError("nca: the time coordinate must be non-empty, finite and strictly increasing")
+        raise InputError("nca: the time coordinate must be non-empty, finite and strictly increasing")
     return t
 
 
@@ -258,15 +261,16 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
     if isinstance(obj, xr.Dataset):
         failed = obj.get("failed")
         if variable is None:
-            variable = "car_copies" if "car_copies" in obj.data_vars else None
+            variable = variable_with_role(obj, "exposure")
         if variable is None or variable not in obj.data_vars:
-            what = "no variable given and no 'car_copies'" if variable is None else f"no variable {variable!r}"
-            raise ValueError(f"nca: {what} in the Dataset; available variables: {list(obj.data_vars)}")
+            what = ("no variable given and none marked as the model's exposure (attribute role='exposure')"
+                    if variable is None else f"no variable {variable!r}")
+            raise InputError(f"nca: {what} in the Dataset; available variables: {list(obj.data_vars)}")
         obj = obj[variable]
     if not isinstance(obj, xr.DataArray):
-        raise TypeError(f"nca: expected an xarray DataArray or Dataset, got {type(obj).__name__}")
+        raise InputTypeError(f"nca: expected an xarray DataArray or Dataset, got {type(obj).__name__}")
     if "time" not in obj.dims:
-        raise ValueError(f"nca: the data need a 'time' dimension; dims are {obj.dims}")
+        raise InputError(f"nca: the data need a 'time' dimension; dims are {obj.dims}")
     t = _as_days(obj["time"].values)
     other = [d for d in obj.dims if d != "time"]
     da = obj.transpose(*other, "time")
@@ -277,8 +281,8 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
         if isinstance(lloq, xr.DataArray):
             limit = lloq.broadcast_like(obj).transpose(*da.dims).values
         else:  # numpy broadcasting against the data as given, then the same transpose
-            limit = xr.DataArray(np.broadcast_to(np.asarray(lloq, float), obj.shape), dims=obj.dims)
-            limit = limit.transpose(*da.dims).values
+            limit_da = xr.DataArray(np.broadcast_to(np.asarray(lloq, float), obj.shape), dims=obj.dims)
+            limit = limit_da.transpose(*da.dims).values
         q &= ~(y < limit.reshape(y.shape))
     res = _run_blocks(t, y, q, np.ones_like(q), method, float(partial_end), int(min_terminal_points), **rules)
 
@@ -292,8 +296,8 @@ def nca(obj, *, variable=None, method="linear-up/log-down", lloq=None, partial_e
                       "were skipped; their endpoints are NaN", NCAWarning, stacklevel=2)
     data = {}
     for name, (long_name, kind) in ENDPOINTS.items():
-        attrs = {"units": _units(kind, conc_u, time_u),
-                 "long_name": long_name.format(end=partial_end, cend=contraction_end)}
+        attrs: dict[str, str | float] = {"units": _units(kind, conc_u, time_u),
+                                         "long_name": long_name.format(end=partial_end, cend=contraction_end)}
         if name == "auc_0_28":
             attrs["partial_end"] = float(partial_end)
             attrs["note"] = (f"NaN where the last quantifiable time is before day {partial_end:g}: "
@@ -358,12 +362,12 @@ def nca_long(df: pd.DataFrame, *, id_col="ID", time_col="TIME", dv_col="DV", blq
     needed = [*keys, time_col, dv_col] + [c for c in (blq_col, lloq_col) if c is not None]
     missing = [c for c in dict.fromkeys(needed) if c not in df.columns]
     if missing:
-        raise ValueError(f"nca_long: missing column(s) {missing}; columns are {list(df.columns)}")
+        raise InputError(f"nca_long: missing column(s) {missing}; columns are {list(df.columns)}")
     if df[[*keys, time_col]].isna().any().any():
-        raise ValueError(f"nca_long: {keys + [time_col]} must not contain missing values")
+        raise InputError(f"nca_long: {keys + [time_col]} must not contain missing values")
     dup = df.duplicated([*keys, time_col])
     if dup.any():
-        raise ValueError(f"nca_long: {int(dup.sum())} duplicate sample(s) for the same {keys} and {time_col}")
+        raise InputError(f"nca_long: {int(dup.sum())} duplicate sample(s) for the same {keys} and {time_col}")
 
     dv = df[dv_col].to_numpy(float)
     quant = np.isfinite(dv)

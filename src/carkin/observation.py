@@ -19,71 +19,189 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, final
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
 from jax.scipy.stats import norm
 
-ERROR_MODELS = ("log-additive", "proportional", "combined")
+from carkin.errors import InputError
+
 # Predictions are floored here before a log: an ODE state that is exactly zero (or
 # undershoots by the solver's atol) must give a finite, very small likelihood, not NaN.
 PREDICTION_FLOOR = 1e-12
 # Below this standardised value log Phi comes from its asymptotic series: erfc(-u / sqrt 2)
 # underflows near u = -38.
 LOG_CDF_SERIES_BELOW = -30.0
+SIGMA_PRIOR_SCALE = 1.0  # HalfNormal scale of proportional / log-scale residual SDs
+
+# name -> class: every final subclass of ErrorModel registers itself here
+ERROR_MODELS: dict[str, type[ErrorModel]] = {}
 
 
-@dataclass(frozen=True)
 class ErrorModel:
-    """The residual error of one observable: ``kind`` is one of ERROR_MODELS."""
+    """The residual error of one observable; abstract.
 
-    kind: str = "log-additive"
+    ``ErrorModel("proportional")`` returns the registered model of that name. A new error model is
+    one final subclass with a ``name``: it owns its density, its censored probability, sampling,
+    residuals and default priors, and registers itself (``ERROR_MODELS``) for sidecars, the CLI
+    and saved fits. Its log density is of y in natural units, so error models compare by LOO."""
 
-    def __post_init__(self):
-        if self.kind not in ERROR_MODELS:
-            raise ValueError(f"error model must be one of {', '.join(ERROR_MODELS)}; got {self.kind!r}")
+    name: ClassVar[str] = ""
+    has_additive: ClassVar[bool] = False  # carries a second, additive SD (site ``sigma_add_*``)
+    sigma_meaning: ClassVar[str] = ""  # what ``sigma`` is, for parameter tables
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            ERROR_MODELS[cls.name] = cls
+
+    def __new__(cls, kind: str | ErrorModel | None = None):
+        if cls is not ErrorModel:
+            return super().__new__(cls)
+        if isinstance(kind, ErrorModel):
+            return kind
+        kind = "log-additive" if kind is None else kind
+        if kind not in ERROR_MODELS:
+            raise InputError(f"error model must be one of {', '.join(ERROR_MODELS)}; got {kind!r}")
+        return super().__new__(ERROR_MODELS[kind])
+
+    def __init__(self, kind: str | ErrorModel | None = None):
+        pass  # stateless: the SDs are sampled sites, not attributes
 
     @property
-    def has_additive(self) -> bool:
-        return self.kind == "combined"
+    def kind(self) -> str:
+        return self.name
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __repr__(self):
+        return f"ErrorModel({self.name!r})"
+
+    # -- what each model defines ------------------------------------------------------------------
+    def scale(self, f, sigma, sigma_add):
+        """(centre, sd) of the normal distribution the model puts on g(y)."""
+        raise NotImplementedError
+
+    def g(self, y):
+        """The scale the error is normal on (identity unless overridden)."""
+        return y
+
+    def g_inverse(self, z):
+        return z
+
+    def log_jacobian(self, g_y):
+        """log |dg/dy| at g(y), so the density is of y in natural units."""
+        return 0.0 * g_y
+
+    # -- derived ----------------------------------------------------------------------------------
+    def log_density(self, y, f, sigma, sigma_add=0.0):
+        """Log density of measured (uncensored) values ``y`` given predictions ``f``."""
+        centre, sd = self.scale(jnp.maximum(f, PREDICTION_FLOOR), sigma, sigma_add)
+        g_y = self.g(y)
+        return norm.logpdf(g_y, centre, sd) + self.log_jacobian(g_y)
+
+    def log_censored(self, lloq, f, sigma, sigma_add=0.0):
+        """Log probability that a measurement lies below ``lloq`` given predictions ``f`` (M3)."""
+        centre, sd = self.scale(jnp.maximum(f, PREDICTION_FLOOR), sigma, sigma_add)
+        return log_normal_cdf((self.g(lloq) - centre) / sd)
+
+    def log_likelihood(self, y, f, blq, lloq, sigma, sigma_add=0.0):
+        """Pointwise log-likelihood; ``blq`` marks censored records, whose term is log P(y < lloq)
+        (``y`` is ignored there and may be NaN). All arrays share one shape."""
+        safe_y = jnp.where(blq, 1.0, y)  # keep NaN out of the unused branch (its gradient too)
+        safe_lloq = jnp.where(blq, lloq, 1.0)
+        return jnp.where(blq, self.log_censored(safe_lloq, f, sigma, sigma_add),
+                         self.log_density(safe_y, f, sigma, sigma_add))
+
+    def sample(self, key, f, sigma, sigma_add=0.0):
+        """Draw measurements around predictions ``f`` (for predictive checks)."""
+        centre, sd = self.scale(jnp.maximum(f, PREDICTION_FLOOR), sigma, sigma_add)
+        return self.g_inverse(centre + sd * jax.random.normal(key, jnp.shape(f)))
+
+    def residual(self, y, f, sigma, sigma_add=0.0) -> np.ndarray:
+        """Individual weighted residuals (IWRES) of measurements ``y`` around predictions ``f``."""
+        f = jnp.maximum(jnp.asarray(f, dtype=float), PREDICTION_FLOOR)
+        centre, sd = self.scale(f, sigma, sigma_add)
+        return np.asarray((self.g(jnp.asarray(y, dtype=float)) - centre) / sd)
+
+    def default_priors(self, typical_measurement: float) -> dict:
+        """Priors of this model's SDs, keyed "sigma" (and "sigma_add"); ``typical_measurement`` is the
+        median measured value, the scale of an additive SD."""
+        priors = {"sigma": dist.HalfNormal(SIGMA_PRIOR_SCALE)}
+        if self.has_additive:
+            priors["sigma_add"] = dist.HalfNormal(typical_measurement)
+        return priors
 
 
-def _scale(kind: str, f, sigma, sigma_add):
-    """(centre, sd) of the normal distribution the error model puts on g(y)."""
-    f = jnp.maximum(f, PREDICTION_FLOOR)
-    if kind == "log-additive":
+@final
+class LogAdditive(ErrorModel):
+    """log y ~ Normal(log f, sigma): y log-normal around f; the usual model of qPCR transgene levels
+    (Stein et al. 2019 used it, sigma 0.56)."""
+
+    name = "log-additive"
+    sigma_meaning = "log-scale residual SD"
+
+    def scale(self, f, sigma, sigma_add):
         return jnp.log(f), sigma + 0.0 * f
-    if kind == "proportional":
+
+    def g(self, y):
+        return jnp.log(jnp.maximum(y, PREDICTION_FLOOR))
+
+    def g_inverse(self, z):
+        return jnp.exp(z)
+
+    def log_jacobian(self, g_y):
+        return -g_y
+
+
+@final
+class Proportional(ErrorModel):
+    """y ~ Normal(f, sigma * f)."""
+
+    name = "proportional"
+    sigma_meaning = "proportional residual SD (CV)"
+
+    def scale(self, f, sigma, sigma_add):
         return f, sigma * f
-    return f, jnp.sqrt(sigma_add**2 + (sigma * f) ** 2)
+
+
+@final
+class Combined(ErrorModel):
+    """y ~ Normal(f, sqrt(sigma_add^2 + (sigma * f)^2))."""
+
+    name = "combined"
+    has_additive = True
+    sigma_meaning = "proportional residual SD (CV)"
+
+    def scale(self, f, sigma, sigma_add):
+        return f, jnp.sqrt(sigma_add**2 + (sigma * f) ** 2)
+
+
+# The functional forms take the model's name (older API, kept for scripts that call them).
+def _scale(kind: str, f, sigma, sigma_add):
+    return ErrorModel(kind).scale(jnp.maximum(f, PREDICTION_FLOOR), sigma, sigma_add)
 
 
 def log_likelihood(kind: str, y, f, blq, lloq, sigma, sigma_add=0.0):
-    """Pointwise log-likelihood of observations ``y`` given predictions ``f``.
-
-    ``blq`` marks censored records, whose term is log P(y < lloq); ``y`` is ignored
-    there (it may be NaN). All arrays share one shape.
-    """
-    safe_y = jnp.where(blq, 1.0, y)  # keep NaN out of the unused branch (its gradient too)
-    safe_lloq = jnp.where(blq, lloq, 1.0)
-    return jnp.where(blq, log_censored(kind, safe_lloq, f, sigma, sigma_add),
-                     log_density(kind, safe_y, f, sigma, sigma_add))
+    """:meth:`ErrorModel.log_likelihood` of the error model named ``kind``."""
+    return ErrorModel(kind).log_likelihood(y, f, blq, lloq, sigma, sigma_add)
 
 
 def log_density(kind: str, y, f, sigma, sigma_add=0.0):
-    """Log density of measured (uncensored) values ``y`` given predictions ``f``."""
-    centre, sd = _scale(kind, f, sigma, sigma_add)
-    if kind == "log-additive":
-        g_y = jnp.log(jnp.maximum(y, PREDICTION_FLOOR))
-        return norm.logpdf(g_y, centre, sd) - g_y
-    return norm.logpdf(y, centre, sd)
+    """:meth:`ErrorModel.log_density` of the error model named ``kind``."""
+    return ErrorModel(kind).log_density(y, f, sigma, sigma_add)
 
 
 def log_censored(kind: str, lloq, f, sigma, sigma_add=0.0):
-    """Log probability that a measurement lies below ``lloq`` given predictions ``f`` (M3)."""
-    centre, sd = _scale(kind, f, sigma, sigma_add)
-    g_lloq = jnp.log(lloq) if kind == "log-additive" else lloq
-    return log_normal_cdf((g_lloq - centre) / sd)
+    """:meth:`ErrorModel.log_censored` of the error model named ``kind``."""
+    return ErrorModel(kind).log_censored(lloq, f, sigma, sigma_add)
 
 
 def log_normal_cdf(u):
@@ -108,10 +226,8 @@ def log_normal_cdf(u):
 
 
 def sample(kind: str, key, f, sigma, sigma_add=0.0):
-    """Draw measurements around predictions ``f`` (for predictive checks)."""
-    centre, sd = _scale(kind, f, sigma, sigma_add)
-    z = centre + sd * jax.random.normal(key, jnp.shape(f))
-    return jnp.exp(z) if kind == "log-additive" else z
+    """:meth:`ErrorModel.sample` of the error model named ``kind``."""
+    return ErrorModel(kind).sample(key, f, sigma, sigma_add)
 
 
 @dataclass(frozen=True)
@@ -131,4 +247,4 @@ class Assay:
         for k in ("sigma", "sigma_add", "lloq"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"assay: {k} must be a finite number >= 0, got {v!r}")
+                raise InputError(f"assay: {k} must be a finite number >= 0, got {v!r}")

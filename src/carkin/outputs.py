@@ -29,6 +29,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from carkin.errors import InputError
+
 JOURNAL_PREFIX = ".carkin-commit-"
 MANIFEST = ".carkin-outputs.json"
 PART = ".carkin-part-"
@@ -59,7 +61,7 @@ def _dead_here(tag: str) -> bool:
     return not _pid_alive(int(pid))
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """An output location that cannot be used, with the fix."""
 
 

@@ -20,12 +20,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from carkin.errors import InputError, InputTypeError, UnknownNameError
+from carkin.kinetics import variable_with_role
 from carkin.outputs import save_figure
 
 __all__ = ["plot_endpoints", "plot_panel", "plot_profiles", "regimen_info"]
 
 DPI = 120
-DEFAULT_PANEL_VARIABLES = ("car_copies", "car_cells", "cd7_cells", "b_cells", "blasts")
+DEFAULT_PANEL_ROLES = ("exposure", "exposure_cells", "normal", "tumour")  # panel rows by default, in this order
 LINESTYLES = ("-", "--", ":", "-.")
 # Log axes spanning more than this many decades bury the interesting part of the
 # profile (e.g. blasts falling to 1e-12 %), so the lower limit is clipped.
@@ -66,6 +68,11 @@ def regimen_info(ds: xr.Dataset) -> list[RegimenInfo]:
         labels = [str(x) for x in ds["regimen"].values]
     else:
         labels = [str(ds.attrs.get("regimens", "regimen"))]
+    if "schedule" in ds.coords and "dose_per_kg" in ds.coords:  # written by simulate: read, not parsed
+        dose_values = np.atleast_1d(np.asarray(ds["dose_per_kg"].values, dtype=float))
+        schedules = np.atleast_1d(ds["schedule"].values)
+        return [RegimenInfo(label, float(d), str(s)) for label, d, s in zip(labels, dose_values, schedules)]
+    # files written before dose and schedule were coordinates: parse the labels
     doses = np.atleast_1d(np.asarray(ds["dose_per_kg"].values, dtype=float)) if "dose_per_kg" in ds else None
     out = []
     for i, label in enumerate(labels):
@@ -117,7 +124,7 @@ def _styles(infos: list[RegimenInfo], colour_by: str = "auto") -> dict:
     if colour_by == "auto":
         colour_by = "dose" if _is_dose_grid(infos) else "regimen"
     schedules = list(dict.fromkeys(r.schedule for r in infos))
-    cycle = matplotlib.colormaps["tab10"].colors
+    cycle = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     if colour_by == "dose":
         doses = sorted({r.dose_per_kg for r in infos})
         # stop before viridis' pale yellow end so the highest dose stays visible on white
@@ -132,7 +139,7 @@ def _styles(infos: list[RegimenInfo], colour_by: str = "auto") -> dict:
 def _values(ds: xr.Dataset, variable: str) -> xr.DataArray:
     if variable not in ds:
         have = [k for k, v in ds.data_vars.items() if "time" in v.dims]
-        raise KeyError(f"no variable {variable!r} in the Dataset; time-dependent variables are {have}")
+        raise UnknownNameError(f"no variable {variable!r} in the Dataset; time-dependent variables are {have}")
     da = ds[variable]
     if "failed" in ds:
         da = da.where(~ds["failed"].astype(bool))  # failed solves must not drag the bands
@@ -151,7 +158,7 @@ def _clip_log_limits(ax, lo: float, hi: float, decades: float) -> None:
 
 def plot_profiles(
     ds: xr.Dataset,
-    variable: str = "car_copies",
+    variable: str | None = None,
     ax=None,
     *,
     regimens=None,
@@ -168,15 +175,17 @@ def plot_profiles(
     For a population: the median line, a shaded ``band`` percentile band and
     ``n_individual`` thin individual lines per regimen. For the typical subject:
     one line per regimen. ``regimens`` picks a subset of regimen labels.
-    Log-scale y by default (lower limit clipped to ``decades`` below the top).
+    Log-scale y by default (lower limit clipped to ``decades`` below the top). ``variable``
+    defaults to the model's exposure (the variable with attribute role='exposure').
     """
+    variable = variable or variable_with_role(ds, "exposure") or ""
     da = _values(ds, variable)
     infos = regimen_info(ds)
     if regimens is not None:
         wanted = [str(r) for r in regimens]
         unknown = sorted(set(wanted) - {r.label for r in infos})
         if unknown:
-            raise KeyError(f"no regimen(s) {unknown} in the Dataset; regimens are {[r.label for r in infos]}")
+            raise UnknownNameError(f"no regimen(s) {unknown} in the Dataset; regimens are {[r.label for r in infos]}")
         infos = [r for r in infos if r.label in wanted]
     style = styles or _styles(regimen_info(ds))
     if ax is None:
@@ -251,16 +260,18 @@ def plot_panel(
     Rows share their y range. Returns the figure.
     """
     if variables is None:
-        variables = [v for v in DEFAULT_PANEL_VARIABLES if v in ds]
+        variables = [v for v in (variable_with_role(ds, r) for r in DEFAULT_PANEL_ROLES) if v is not None]
         if not variables:
-            variables = [k for k, v in ds.data_vars.items() if "time" in v.dims and not k.startswith("state_")]
+            # the attr-defined ignore: xarray types variable names as Hashable; these are str
+            variables = [k for k, v in ds.data_vars.items()
+                         if "time" in v.dims and not k.startswith("state_")]  # type: ignore[attr-defined]
     variables = [variables] if isinstance(variables, str) else list(variables)
     if not variables:
-        raise ValueError("plot_panel: no time-dependent variables to plot")
+        raise InputError("plot_panel: no time-dependent variables to plot")
     for v in variables:
         _values(ds, v)  # fail early with the list of available variables
     if facet not in ("auto", "dose", "schedule", None):
-        raise ValueError(f"plot_panel: facet must be 'auto', 'dose', 'schedule' or None, got {facet!r}")
+        raise InputError(f"plot_panel: facet must be 'auto', 'dose', 'schedule' or None, got {facet!r}")
 
     infos = regimen_info(ds)
     schedules = list(dict.fromkeys(r.schedule for r in infos))
@@ -268,7 +279,7 @@ def plot_panel(
     if facet == "auto":
         facet = "dose" if grid_ok and len(schedules) > 1 else None
     if facet == "dose" and grid_ok:
-        columns = sorted({r.dose_per_kg for r in infos})
+        columns: list[float] | list[str] | list[None] = sorted({r.dose_per_kg for r in infos})
         col_of = lambda r: r.dose_per_kg
         col_title = lambda c: f"{_sci(c)} cells/kg"
         style = _styles(infos, "schedule")
@@ -282,7 +293,7 @@ def plot_panel(
 
     if faceted or len(variables) == 1:
         ncols, nrows = len(columns), len(variables)
-        cells = [[(v, c) for c in columns] for v in variables]
+        cells: list[list] = [[(v, c) for c in columns] for v in variables]  # (variable, column) or None
     else:
         ncols = 2 if len(variables) == 4 else min(3, len(variables))
         nrows = -(-len(variables) // ncols)
@@ -379,10 +390,10 @@ def _endpoint_frame(table_or_nca, metrics) -> tuple[pd.DataFrame, dict]:
         nca = table_or_nca
         missing = [m for m in metrics if m not in nca]
         if missing:
-            raise KeyError(f"plot_endpoints: no {missing} in the NCA Dataset; it has {list(nca.data_vars)}")
+            raise UnknownNameError(f"plot_endpoints: no {missing} in the NCA Dataset; it has {list(nca.data_vars)}")
         units = {m: nca[m].attrs.get("units", "") for m in metrics}
         if "regimen" not in nca.dims:
-            raise ValueError(
+            raise InputError(
                 "plot_endpoints: the NCA Dataset needs a 'regimen' dimension (simulate a list of regimens)"
             )
         df = nca[list(metrics)].to_dataframe().reset_index()
@@ -405,9 +416,9 @@ def _endpoint_frame(table_or_nca, metrics) -> tuple[pd.DataFrame, dict]:
                 df["schedule"] = "single"
         missing = [c for c in ("dose_per_kg", *metrics) if c not in df]
         if missing:
-            raise KeyError(f"plot_endpoints: table has no column(s) {missing}; columns are {list(df.columns)}")
+            raise UnknownNameError(f"plot_endpoints: table has no column(s) {missing}; columns are {list(df.columns)}")
     else:
-        raise TypeError(
+        raise InputTypeError(
             f"plot_endpoints: expected a pandas DataFrame or an NCA xarray.Dataset, got {type(table_or_nca).__name__}"
         )
     return df, units
@@ -441,7 +452,7 @@ def plot_endpoints(
     found_units.update(units or {})
     schedules = list(dict.fromkeys(df["schedule"]))
     doses = np.sort(df["dose_per_kg"].dropna().unique())
-    colours = matplotlib.colormaps["tab10"].colors
+    colours = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     fig = Figure(figsize=(4.4 * len(metrics) + 0.6, 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)[0])
     # spread schedules over +/- 6% of a dose (log x) so their bars do not overlap
@@ -510,12 +521,12 @@ def plot_dose_response(ds: xr.Dataset, *, path=None, dpi: int = DPI, title: str 
               (k == "recovered" and "recovery_day" in ds)]
     fig = Figure(figsize=(4.2 * len(panels) + 0.6, 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
-    colours = matplotlib.colormaps["tab10"].colors
+    colours = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     doses = ds["dose"].values
     ok = ~ds["failed"].astype(bool)
     for ax, (key, label) in zip(axes, panels):
         value = np.isfinite(ds["recovery_day"]) if key == "recovered" else ds[key]
-        value = value.astype(float).where(ok)
+        value = value.astype(float).where(ok)  # type: ignore[union-attr]  # np.isfinite keeps the DataArray
         for j, sched in enumerate(ds["schedule"].values):
             v = value.sel(schedule=sched)
             pooled = [d for d in ("draw", "subject") if d in v.dims]

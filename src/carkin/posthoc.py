@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from carkin.errors import InputError
 from carkin.inference import FitProblem, population_sites, subject_observables
+from carkin.population import eta_variable, individual_variable, omega_site
 from carkin.sampling import over_devices
 
 BLOCK_PER_DEVICE = 256  # subjects optimised together on each device per call
@@ -81,19 +83,19 @@ def individual_estimates(problem: FitProblem, population: dict, *, starts: int =
     ``converged = False``.
     """
     if int(starts) < 1:
-        raise ValueError(f"starts must be >= 1, got {starts}")
+        raise InputError(f"starts must be >= 1, got {starts}")
     if not problem.random:
-        raise ValueError("no parameter has between-subject variability, so there are no random effects to estimate; "
+        raise InputError("no parameter has between-subject variability, so there are no random effects to estimate; "
                          "give variability=(...) when building the problem")
     sites = [s for s in problem.priors]
     missing = sorted(set(sites) - set(population))
     if missing:
-        raise ValueError(f"population values missing for {missing}; give every one of {sites}")
+        raise InputError(f"population values missing for {missing}; give every one of {sites}")
     params = {s: jnp.asarray(float(population[s])) for s in sites}
     for name in problem.random:
-        if not float(population[f"omega_{name}"]) > 0:
-            raise ValueError(f"omega_{name} must be > 0 to estimate random effects of {name}, "
-                             f"got {population[f'omega_{name}']}")
+        if not float(population[omega_site(name)]) > 0:
+            raise InputError(f"{omega_site(name)} must be > 0 to estimate random effects of {name}, "
+                             f"got {population[omega_site(name)]}")
     d = problem.design
     obs = _per_subject_observations(problem)
     model, names, R = problem.model, d.observables, len(problem.random)
@@ -126,8 +128,7 @@ def individual_estimates(problem: FitProblem, population: dict, *, starts: int =
     t0 = time.perf_counter()
     (z, fun, ok, nit), compile_s = _blocks(solve_one, per_subject, d.n_subjects, jax.local_device_count(), progress)
     run_s = time.perf_counter() - t0 - compile_s
-    theta = np.asarray(jax.jit(jax.vmap(lambda x_row, z_row: problem.subject_parameters(params, x_row, z_row)))(
-        per_subject["x"], z))
+    theta = np.asarray(jax.jit(lambda x, z: problem.population.individual(params, z, x))(per_subject["x"], z))
     ds = _as_dataset(problem, params, z, fun, ok, nit, theta)
     ds.attrs.update(compile_s=round(compile_s, 3), run_s=round(run_s, 3), devices=jax.local_device_count())
     return ds
@@ -255,18 +256,18 @@ def _as_dataset(problem: FitProblem, params, z, fun, ok, nit, theta) -> xr.Datas
     out = {}
     for r, name in enumerate(problem.random):
         p = model.parameter(name)
-        out[f"eta_{name}"] = ("subject", float(params[f"omega_{name}"]) * z[:, r],
+        out[eta_variable(name)] = ("subject", float(params[omega_site(name)]) * z[:, r],
                               {"units": "1", "long_name": f"MAP random effect of {name} (omega * z)"})
         j = model.parameter_names.index(name)
-        out[f"ind_{name}"] = ("subject", theta[:, j], {"units": p.unit, "long_name": f"individual {p.description} "
-                                                                                     "at the MAP"})
+        out[individual_variable(name)] = ("subject", theta[:, j],
+                                          {"units": p.unit, "long_name": f"individual {p.description} at the MAP"})
     out["objective"] = ("subject", fun, {"units": "1", "long_name": "-log posterior at the MAP (up to a constant)"})
     out["converged"] = ("subject", ok, {"units": "1", "long_name": "optimisation converged"})
     out["iterations"] = ("subject", nit, {"units": "1", "long_name": "Newton iterations, all starts"})
     ds = xr.Dataset(out, coords={"subject": ids})
     for name in problem.random:
-        eta = ds[f"eta_{name}"].values[ok]
-        omega = float(params[f"omega_{name}"])
+        eta = ds[eta_variable(name)].values[ok]
+        omega = float(params[omega_site(name)])
         ds.attrs[f"shrinkage_{name}"] = float(1.0 - np.std(eta) / omega) if eta.size > 1 else float("nan")
     failed = ~ok
     if failed.any():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from carkin.errors import InputError
 from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, UNIT_RANGES, interval_problem, range_problem, unknown_keys
 from carkin.toxicity import DLTModel, default_dlt_model
 from carkin.trials import MAX_TRIALS
@@ -50,7 +51,7 @@ DAY_RANGE = (*TIME_RANGE, "days after the first infusion")
 MAX_SUBJECTS = 1_000_000  # per dose and schedule; larger populations belong to carkin.stream
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """A protocol file that cannot be used, with the file and key named."""
 
 
@@ -128,7 +129,7 @@ class Protocol:
         rng = np.random.default_rng(seed)
         age = rng.uniform(*self.age_years, n)
         weight = typical_weight_kg(age) * np.exp(WEIGHT_CV * rng.standard_normal(n))
-        out = {"AGE": age, "WT": np.clip(weight, *self.weight_kg)}
+        out = {"AGE": age, self.load_model().role("weight"): np.clip(weight, *self.weight_kg)}
         for name, (lo, hi) in self.ranges.items():
             out[name] = np.exp(rng.uniform(math.log(lo), math.log(hi), n))
         return out
@@ -226,13 +227,13 @@ def read_protocol(path) -> Protocol:
     if name not in DESIGNS:
         raise ProtocolError(f"{path} [design]: name must be one of {', '.join(DESIGNS)}, got {name!r}")
     tox = sections["toxicity"]
-    dlt = default_dlt_model(model_name)
+    dlt = DLTModel(offset=default_dlt_model(model).offset)
     known = {f for f in DLTModel.__dataclass_fields__}
     bad = sorted(set(tox) - known)
     if bad:
         raise ProtocolError(f"{path} [toxicity]: unknown key(s) {bad}; known: {sorted(known)}")
     try:
-        dlt = replace(dlt, **tox)
+        dlt = replace(dlt, **tox).for_model(model)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"{path} [toxicity]: {e}") from None
     observables = [o.name for o in model.observables]
@@ -287,7 +288,7 @@ def _check_model(name: str, options: dict, path: str):
         raise ProtocolError(f"{path} [model]: {e}") from None
 
 
-def _in_range(where: str, value, bounds, why: str = "") -> None:
+def _in_range(where: str, value, bounds: tuple[float, float, str], why: str = "") -> None:
     message = range_problem(where, value, *bounds, why)
     if message:
         raise ProtocolError(message)
@@ -513,7 +514,7 @@ def _patients(pop: xr.Dataset, enrolled) -> xr.Dataset:
     virtual populations they were drawn from."""
     dose_i = np.array([e[0] for e in enrolled], int)
     subj = np.array([e[1] for e in enrolled], int)
-    data = {
+    data: dict[str, tuple] = {
         "patient_dose": ("patient", pop["dose"].values[dose_i], {"units": "cells/kg", "long_name": "dose level"}),
         "patient_dlt": ("patient", np.array([e[2] for e in enrolled]), {"units": "1", "long_name": "DLT observed"}),
         "patient_pool_index": ("patient", subj, {"units": "1", "long_name": "virtual subject in the dose pool"}),
@@ -522,11 +523,12 @@ def _patients(pop: xr.Dataset, enrolled) -> xr.Dataset:
         if var.dims[:2] == ("dose", "subject"):
             picked = var.values[dose_i, subj]
             data[f"patient_{name}"] = (("patient",) + var.dims[2:], picked, dict(var.attrs))
-        elif var.dims == ("subject",) and not name.startswith("param_"):
+        elif var.dims == ("subject",) and not name.startswith("param_"):  # type: ignore[attr-defined]  # names are str
             data[f"patient_{name}"] = ("patient", var.values[subj], dict(var.attrs))
     for name in ("cmax", "tmax", "auc_0_28", "p_dlt", "nadir", "mrd_negative"):
         if name in pop:
             data[f"population_{name}"] = (("dose", "subject"), pop[name].values, dict(pop[name].attrs))
-    coords = {k: pop.coords[k] for k in ("dose", "visit", "marrow_visit") if k in pop.coords}
+    coords: dict[str, xr.DataArray | np.ndarray] = {
+        k: pop.coords[k] for k in ("dose", "visit", "marrow_visit") if k in pop.coords}
     coords["patient"] = np.arange(1, len(enrolled) + 1)
     return xr.Dataset(data, coords=coords)

@@ -14,14 +14,14 @@ step-size and diagonal mass-matrix adaptation during the ``warmup`` iterations.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import AxisType
+
+from carkin.compat import closure_checks_ignore_manual_mesh
 
 PROGRESS_UPDATES = 50  # progress callbacks per chain
 
@@ -106,41 +106,10 @@ def over_devices(local, n_dev: int, axis: str):
                             check_vma=False)
 
     def program(args):
-        with _closure_checks_ignore_manual_mesh():  # the body, gradients included, is traced here
+        with closure_checks_ignore_manual_mesh():  # the body, gradients included, is traced here (carkin.compat)
             return sharded(args)
 
     return jax.jit(program)
-
-
-@contextlib.contextmanager
-def _closure_checks_ignore_manual_mesh():
-    """Reverse-mode gradients through a diffrax solve inside ``shard_map``.
-
-    diffrax's checkpointed adjoint calls an equinox closure-converted loop body, and equinox
-    (0.13.8) checks that it is called with the shapes, dtypes and shardings it was converted
-    with. Inside ``shard_map`` some of those arrays are tagged with the per-device (manual) mesh
-    and some are not, so the check fails although nothing differs (diffrax issue 765, open).
-    Every array inside ``shard_map`` is one device's own, so that tag carries no information:
-    while a sharded program is traced, the check leaves it out. Where equinox lacks the hook
-    (a later release), nothing is changed.
-    """
-    from equinox import _ad
-
-    strip = getattr(_ad, "_strip_weak_dtype", None)
-    if strip is None:
-        yield
-        return
-
-    def local(s):
-        axis_types = tuple(getattr(getattr(s.sharding, "mesh", None), "axis_types", ()))
-        manual = bool(axis_types) and all(t == AxisType.Manual for t in axis_types)
-        return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=None if manual else s.sharding)
-
-    _ad._strip_weak_dtype = lambda tree: jax.tree.map(local, strip(tree))
-    try:
-        yield
-    finally:
-        _ad._strip_weak_dtype = strip
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from carkin import dosing, population
+from carkin.errors import InputError, InputTypeError
 from carkin.guards import check_memory, check_seed
 from carkin.kinetics import Model
 from carkin.solve import check_tolerances, solve_subject
@@ -27,6 +28,8 @@ from carkin.strict import TIME_RANGE, UNIT_RANGES
 # two so only a handful of shapes is ever compiled.
 DEFAULT_CHUNK = 256
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
+# compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
+SOLVER_CACHE_SIZE = 16
 MIN_PER_DEVICE = 32  # below this many subjects per device, one device is quicker
 PROGRESS_MIN_SUBJECTS = 20_000
 MAX_TIMES = 100_000  # output times per subject: a century of daily values, or a year hour by hour ten times over
@@ -51,10 +54,10 @@ def parse_times(times) -> np.ndarray:
             else:
                 grid = np.array([float(x) for x in s.split(",") if x.strip()])
         except OverflowError:
-            raise ValueError(f"times {times!r} give more than {MAX_TIMES:,} output times per subject; use a "
+            raise InputError(f"times {times!r} give more than {MAX_TIMES:,} output times per subject; use a "
                              "coarser step or a shorter span") from None
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"cannot read times {times!r}: give 'start:stop:step' with start <= stop and step > 0 "
                 "(e.g. 0:90:1) or an increasing comma list "
                 "(e.g. 0,1,4,7,14,28)"
@@ -62,19 +65,19 @@ def parse_times(times) -> np.ndarray:
     else:
         grid = np.atleast_1d(np.asarray(times, dtype=float))
     if grid.size == 0 or not np.all(np.isfinite(grid)):
-        raise ValueError(f"times must be a non-empty list of finite days, got {times!r}")
+        raise InputError(f"times must be a non-empty list of finite days, got {times!r}")
     if np.any(np.diff(grid) <= 0):
-        raise ValueError("times must be strictly increasing")
+        raise InputError("times must be strictly increasing")
     if grid.size > MAX_TIMES:
-        raise ValueError(f"{grid.size:,} output times per subject is more than {MAX_TIMES:,}; give fewer")
+        raise InputError(f"{grid.size:,} output times per subject is more than {MAX_TIMES:,}; give fewer")
     lo, hi = TIME_RANGE
     if grid[0] < lo or grid[-1] > hi:
-        raise ValueError(f"times must lie in [{lo:g}, {hi:g}] days after the first infusion (ten years before to a "
+        raise InputError(f"times must lie in [{lo:g}, {hi:g}] days after the first infusion (ten years before to a "
                          f"century after), got {grid[0]:g} to {grid[-1]:g}")
     return grid
 
 
-@functools.cache
+@functools.lru_cache(maxsize=SOLVER_CACHE_SIZE)
 def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
     """Compiled solve of one chunk of subjects, split evenly over ``n_devices``.
 
@@ -83,21 +86,23 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
     """
     names = model.parameter_names
     cnames = tuple(c.name for c in model.covariates)
+    virtual = population.Population.of(model)
+    weight = model.role("weight")
 
-    def one(key, index, typ, omega, kinds, ctab, cov_given, cov_mask, par_given, par_mask,
+    def one(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask,
             dose_t, dose_per_kg, times):
-        theta, cov_s = population.draw_subject(key, index, typ, omega, kinds, *ctab, variability)
+        theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
         theta = jnp.where(par_mask, par_given, theta)
         cov_v = jnp.where(cov_mask, cov_given, cov_s)
         p = dict(zip(names, theta))
         cov = dict(zip(cnames, cov_v))
-        ys, ok, steps = solve_subject(model, times, dose_t, dose_per_kg * cov["WT"], p, cov,
+        ys, ok, steps = solve_subject(model, times, dose_t, dose_per_kg * cov[weight], p, cov,
                                       rtol=rtol, atol=atol)
         obs = model.observe(ys, p, cov)
         finite = jnp.all(jnp.isfinite(ys))
         return obs, ys, ok & finite, steps, theta, cov_v
 
-    in_axes = (None, 0, None, None, None, None, 0, None, 0, None, 0, 0, None)
+    in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None)
     batched = jax.vmap(one, in_axes=in_axes)
     if n_devices == 1:
         return jax.jit(batched)
@@ -134,7 +139,7 @@ def _per_subject(name, value, n) -> np.ndarray:
     if arr.ndim == 0:
         return np.full(n, float(arr))
     if arr.shape != (n,):
-        raise ValueError(f"{name}: expected a scalar or {n} values (one per subject), got shape {arr.shape}")
+        raise InputError(f"{name}: expected a scalar or {n} values (one per subject), got shape {arr.shape}")
     return arr
 
 
@@ -184,17 +189,17 @@ def simulate(
     the model's residual error, NaN below the LLOQ, and ``<name>_blq``; see carkin.measure).
     """
     if not isinstance(model, Model):
-        raise TypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
+        raise InputTypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
     regimens, several = dosing.as_regimens(regimen_or_list)
     check_tolerances(rtol, atol)
     grid = parse_times(times)
     variability = n_subjects is not None
     if n_subjects is not None and (isinstance(n_subjects, bool) or not float(n_subjects).is_integer()):
-        raise ValueError(f"n_subjects must be a whole number >= 1 (or None for the typical subject), "
+        raise InputError(f"n_subjects must be a whole number >= 1 (or None for the typical subject), "
                          f"got {n_subjects!r}")
     n = 1 if n_subjects is None else int(n_subjects)
     if n < 1:
-        raise ValueError(f"n_subjects must be >= 1 (or None for the typical subject), got {n_subjects!r}")
+        raise InputError(f"n_subjects must be >= 1 (or None for the typical subject), got {n_subjects!r}")
     seed = check_seed(seed)
     check_memory(8.0 * n * len(regimens) * grid.size * (len(model.observables) + (len(model.states) if include_states
                                                                                      else 0) + 1),
@@ -204,34 +209,35 @@ def simulate(
 
     covariates = dict(covariates or {})
     if weight_kg is not None:
-        covariates["WT"] = weight_kg
+        covariates[model.role("weight")] = weight_kg
     cnames = [c.name for c in model.covariates]
     pnames = list(model.parameter_names)
     for k in covariates:
         if k not in cnames:
-            raise ValueError(f"model {model.name!r} has no covariate {k!r}; its covariates are {cnames}")
+            raise InputError(f"model {model.name!r} has no covariate {k!r}; its covariates are {cnames}")
     for k in params or {}:
         if k not in pnames:
-            raise ValueError(f"model {model.name!r} has no parameter {k!r}; its parameters are {pnames}")
+            raise InputError(f"model {model.name!r} has no parameter {k!r}; its parameters are {pnames}")
     cov_given = np.zeros((n, len(cnames)))
     cov_mask = np.zeros(len(cnames), bool)
     for j, c in enumerate(model.covariates):
         if c.name in covariates:
             v = _per_subject(c.name, covariates[c.name], n)
             if not np.all(np.isfinite(v) & (v > 0)):
-                raise ValueError(
+                raise InputError(
                     f"covariate {c.name} ({c.description}, {c.unit}): values must be finite and > 0, "
                     f"got {v[~(np.isfinite(v) & (v > 0))][:5]}"
                 )
             lo, hi = UNIT_RANGES.get(c.unit, (0.0, np.inf))
             if not np.all((v >= lo) & (v <= hi)):
-                raise ValueError(f"covariate {c.name} ({c.description}): {v[(v < lo) | (v > hi)][:5]} {c.unit} is "
+                raise InputError(f"covariate {c.name} ({c.description}): {v[(v < lo) | (v > hi)][:5]} {c.unit} is "
                                  f"outside the plausible range [{lo:g}, {hi:g}] {c.unit}; check the value and its unit")
             cov_given[:, j], cov_mask[j] = v, True
     par_given = np.zeros((n, len(pnames)))
     par_mask = np.zeros(len(pnames), bool)
     for j, prm in enumerate(model.parameters):
         if prm.name in (params or {}):
+            assert params is not None  # holds prm.name
             v = _per_subject(prm.name, params[prm.name], n)
             _check_domain(prm, v)
             par_given[:, j], par_mask[j] = v, True
@@ -240,7 +246,7 @@ def simulate(
     n_chunks = -(-n // chunk)
     n_pad = n_chunks * chunk
     slots = max(r.n_infusions for r in regimens)
-    typ, omega, kinds = population.parameter_table(model)
+    typ, omega = population.site_arrays(model)
     ctab = population.covariate_table(model)
     solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev)
     key = jax.random.PRNGKey(seed)
@@ -257,11 +263,11 @@ def simulate(
     for reg in regimens:
         dose_t, per_kg = dosing.dose_table(reg, np.ones(n_pad), slots)
         parts, pending = [], []
-        for c in range(n_chunks):
-            sl = slice(c * chunk, (c + 1) * chunk)
+        for i in range(n_chunks):
+            sl = slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
-            pending.append(solver(key, index[sl], typ, omega, kinds, ctab, cov_given[sl], cov_mask,
+            pending.append(solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
                                   par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid))
             if len(pending) > IN_FLIGHT:
                 parts.append(_fetch(pending.pop(0)))
@@ -297,12 +303,14 @@ def _progress(total, show, name):
 
 def _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject=0):
     obs_meta = {o.name: o for o in model.observables}
+    role_of = {name: role for role, name in model.roles.items()}
     stack = (lambda xs: np.stack(xs)) if several else (lambda xs: xs[0])
     lead = ("regimen", "subject") if several else ("subject",)
     data = {}
     for name, o in obs_meta.items():
         data[name] = (lead + ("time",), stack([r[0][name] for r in results]),
-                      {"units": o.unit, "long_name": o.long_name})
+                      {"units": o.unit, "long_name": o.long_name, **({"role": role_of[name]} if name in role_of
+                                                                      else {})})
     if include_states:
         for j, s in enumerate(model.states):
             data[f"state_{s.name}"] = (lead + ("time",), stack([r[1][..., j] for r in results]),
@@ -320,12 +328,15 @@ def _to_dataset(model, regimens, several, grid, results, n_subjects, seed, inclu
         "time": ("time", grid, {"units": "day", "long_name": "time after first infusion"}),
         "subject": ("subject", first_subject + np.arange(failed.shape[-1])),
     }
+    # each regimen's dose and schedule are coordinates: selections and tables need no label parsing
+    lead_regimen = ("regimen",) if several else ()
+    pick = (lambda xs: xs) if several else (lambda xs: xs[0])
     if several:
         coords["regimen"] = ("regimen", [r.label for r in regimens])
-        data["dose_per_kg"] = (("regimen",), [r.total_per_kg for r in regimens],
-                               {"units": "cells/kg", "long_name": "total dose"})
-    else:
-        data["dose_per_kg"] = ((), regimens[0].total_per_kg, {"units": "cells/kg", "long_name": "total dose"})
+    coords["dose_per_kg"] = (lead_regimen, pick([r.total_per_kg for r in regimens]),
+                             {"units": "cells/kg", "long_name": "total dose"})
+    coords["schedule"] = (lead_regimen, pick([r.schedule for r in regimens]),
+                          {"long_name": "how the dose is given (fractions and days)"})
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         model=model.name,

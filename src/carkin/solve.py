@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from carkin.errors import InputError
 from carkin.kinetics import Model
 
 _SOLVERS = {"Tsit5": dfx.Tsit5, "Dopri5": dfx.Dopri5, "Dopri8": dfx.Dopri8, "Kvaerno5": dfx.Kvaerno5}
@@ -40,11 +41,11 @@ def check_tolerances(rtol, atol) -> None:
     if rtol is not None:
         lo, hi = RTOL_RANGE
         if not (isinstance(rtol, (int, float)) and np.isfinite(rtol) and lo <= rtol <= hi):
-            raise ValueError(f"rtol={rtol!r} is outside [{lo:g}, {hi:g}] (relative tolerance, 1); "
+            raise InputError(f"rtol={rtol!r} is outside [{lo:g}, {hi:g}] (relative tolerance, 1); "
                              "give a value such as 1e-6, or leave it out for the model's setting")
     if atol is not None:
         if not (isinstance(atol, (int, float)) and np.isfinite(atol) and atol > 0):
-            raise ValueError(f"atol={atol!r} must be a finite number > 0 (absolute tolerance, in each "
+            raise InputError(f"atol={atol!r} must be a finite number > 0 (absolute tolerance, in each "
                              "state's unit); give a value such as 1e-8, or leave it out for the model's setting")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from carkin.errors import InputError
 from carkin.kinetics import Model
 from carkin.outputs import Outputs
 from carkin.simulate import parse_times, simulate
@@ -52,14 +53,14 @@ def simulate_to_netcdf(model: Model, regimen, path, n_subjects: int, *, times="0
 
     n_subjects, block_size = int(n_subjects), int(block_size)
     if n_subjects < 1 or block_size < 1 or first_subject < 0:
-        raise ValueError(f"n_subjects and block_size must be >= 1 and first_subject >= 0, got {n_subjects}, "
+        raise InputError(f"n_subjects and block_size must be >= 1 and first_subject >= 0, got {n_subjects}, "
                          f"{block_size} and {first_subject}")
     for group in ("covariates", "params"):
         for name, value in (simulate_options.get(group) or {}).items():
             if np.ndim(value):
-                raise ValueError(f"{group}[{name!r}]: only one value for all subjects is supported when streaming")
-    if np.ndim(simulate_options.get("weight_kg")):
-        raise ValueError("weight_kg: only one value for all subjects is supported when streaming")
+                raise InputError(f"{group}[{name!r}]: only one value for all subjects is supported when streaming")
+    if np.ndim(simulate_options.get("weight_kg")):  # type: ignore[arg-type]  # np.ndim(None) is 0
+        raise InputError("weight_kg: only one value for all subjects is supported when streaming")
     grid = parse_times(times)
     path = Path(path)
     outputs = Outputs([path], overwrite=overwrite, what="stream file")  # checked before any work
@@ -160,6 +161,6 @@ def open_stream(path) -> xr.Dataset:
         n_done = int(ds["block_done"].sum()) if "block_done" in ds else 0
         n_blocks = ds.sizes.get("block", 0)
         ds.close()
-        raise ValueError(f"{path} is incomplete ({n_done} of {n_blocks} blocks written, no completion mark); "
+        raise InputError(f"{path} is incomplete ({n_done} of {n_blocks} blocks written, no completion mark); "
                          "run the same simulate_to_netcdf call again to resume it")
     return ds

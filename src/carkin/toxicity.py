@@ -21,9 +21,11 @@ protocol file's ``[toxicity]`` table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from carkin.errors import InputError
 
 CALIBRATED = (
     "calibrated against the grade >= 3 CRS arms of data/evidence/toxicity.csv claimed by cd19_cart, cd7_cart and "
@@ -44,9 +46,9 @@ class DLTModel:
     intercept: float = -0.1859
     slope_peak: float = 2.115  # per log10 of the early exposure
     slope_burden: float = 1.666  # per log10 of the burden
-    peak_observable: str = "car_copies"
+    peak_observable: str | None = None  # None: the model's exposure role (see for_model)
     peak_reference: float = 1e4  # copies/µg gDNA
-    burden_covariate: str = "BLAST"
+    burden_covariate: str | None = None  # None: the model's burden role; a model without one has no burden term
     burden_reference: float = 10.0  # % marrow blasts
     window_end_day: float = CRS_WINDOW_DAYS
     offset: float = 0.0  # log-odds shift for the product class (calibrated for CAR-NK cells)
@@ -58,16 +60,21 @@ class DLTModel:
                   "offset"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"DLT model: {k} must be a finite number, got {v!r}")
+                raise InputError(f"DLT model: {k} must be a finite number, got {v!r}")
         for k in ("peak_reference", "burden_reference", "window_end_day"):
             if getattr(self, k) <= 0:
-                raise ValueError(f"DLT model: {k} must be > 0, got {getattr(self, k)!r}")
+                raise InputError(f"DLT model: {k} must be > 0, got {getattr(self, k)!r}")
+
+    def for_model(self, model) -> DLTModel:
+        """This link with the names it reads filled in from ``model``'s roles where not given."""
+        return replace(self, peak_observable=self.peak_observable or model.role("exposure"),
+                       burden_covariate=self.burden_covariate or model.role("burden", required=False))
 
     def exposure(self, level):
         """Each subject's highest level in the CRS window (an xarray object with a ``time`` dim, in days)."""
         early = level.sel(time=level["time"] <= self.window_end_day)
         if early.sizes["time"] == 0:
-            raise ValueError(f"DLT model: no simulated time within the first {self.window_end_day:g} days")
+            raise InputError(f"DLT model: no simulated time within the first {self.window_end_day:g} days")
         return early.max("time")
 
     def probability(self, peak, burden=None) -> np.ndarray:
@@ -82,20 +89,26 @@ class DLTModel:
     def describe(self) -> str:
         offset = f" {self.offset:+.3g}" if self.offset else ""
         return (f"P({self.name}) = logistic({self.intercept:.3g}{offset} + {self.slope_peak:.3g} log10(max "
-                f"{self.peak_observable} on days 0-{self.window_end_day:g} / {self.peak_reference:g}) + "
+                f"{self.peak_observable or 'exposure'} on days 0-{self.window_end_day:g} / {self.peak_reference:g}) + "
                 f"{self.slope_burden:.3g} "
-                f"log10({self.burden_covariate}/{self.burden_reference:g})); {self.source}")
+                f"log10({self.burden_covariate or 'burden'}/{self.burden_reference:g})); {self.source}")
 
 
-# log-odds offsets of product classes, calibrated with the link (data/calibration/toxicity.json)
-OFFSETS = {"cd7_carnk": -3.724}
+# log-odds offsets by the model's cell type, calibrated with the link (data/calibration/toxicity.json,
+# fitted on the cd7_carnk arms)
+OFFSETS = {"CAR-NK": -3.724}
 
 
-def default_dlt_model(model_name: str) -> DLTModel:
-    """The calibrated link, with the calibrated offset of the model's product class (CAR-NK cells)."""
-    return DLTModel(offset=OFFSETS.get(model_name, 0.0))
+def default_dlt_model(model) -> DLTModel:
+    """The calibrated link for ``model`` (a model or a library name): the offset of its cell type, and the
+    names it reads from the model's roles."""
+    if isinstance(model, str):
+        from carkin.library import load_model
+
+        model = load_model(model)
+    return DLTModel(offset=OFFSETS.get(model.cell_type, 0.0)).for_model(model)
 
 
 def dlt_model_for(model) -> DLTModel:
     """The link used for a library model's virtual patients."""
-    return default_dlt_model(model.name)
+    return default_dlt_model(model)

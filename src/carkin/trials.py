@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta as beta_distribution
 
+from carkin.errors import InputError
+
 THREE_PLUS_THREE_VARIANTS = ("escalation-only", "de-escalation")
 THREE_PLUS_THREE_EXPANSION = 6  # a dose is judged on 6 subjects before it can be declared the MTD
 BOIN_SAFE_FRACTION = 0.6  # default p_saf = 0.6 * target (Liu & Yuan 2015)
@@ -57,18 +59,18 @@ SIMULATION_CHUNK = 10_000  # trials whose random numbers are drawn in one block
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _check_probability(name: str, value, *, open_interval: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    low_ok = value > 0 if open_interval else value >= 0
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    low_ok = value > 0 if open_interval else value >= 0  # type: ignore[operator]  # Real ABC lacks __gt__/__ge__
     high_ok = value < 1 if open_interval else value <= 1
     if not (low_ok and high_ok):
         interval = "(0, 1)" if open_interval else "[0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+        raise InputError(f"{name} must lie in {interval}, got {value!r}")
     return float(value)
 
 
@@ -89,7 +91,7 @@ class ThreePlusThree:
 
     def __post_init__(self):
         if self.variant not in THREE_PLUS_THREE_VARIANTS:
-            raise ValueError(f"variant must be one of {list(THREE_PLUS_THREE_VARIANTS)}, got {self.variant!r}")
+            raise InputError(f"variant must be one of {list(THREE_PLUS_THREE_VARIANTS)}, got {self.variant!r}")
         object.__setattr__(self, "accelerated_doses", _check_int("accelerated_doses", self.accelerated_doses, 0))
 
     @property
@@ -102,7 +104,7 @@ class ThreePlusThree:
 
     def check_n_doses(self, n_doses: int) -> None:
         if self.accelerated_doses > n_doses:
-            raise ValueError(
+            raise InputError(
                 f"accelerated_doses ({self.accelerated_doses}) cannot exceed the number of doses ({n_doses})"
             )
 
@@ -136,9 +138,9 @@ class BOIN:
         p_saf = BOIN_SAFE_FRACTION * target if self.p_saf is None else _check_probability("p_saf", self.p_saf)
         p_tox = BOIN_TOXIC_FRACTION * target if self.p_tox is None else _check_probability("p_tox", self.p_tox)
         if not p_saf < target:
-            raise ValueError(f"p_saf must be below target ({target}), got {p_saf}")
+            raise InputError(f"p_saf must be below target ({target}), got {p_saf}")
         if not target < p_tox < 1:
-            raise ValueError(f"p_tox must lie between target ({target}) and 1, got {p_tox}")
+            raise InputError(f"p_tox must lie between target ({target}) and 1, got {p_tox}")
         object.__setattr__(self, "p_saf", float(p_saf))
         object.__setattr__(self, "p_tox", float(p_tox))
         object.__setattr__(
@@ -153,12 +155,14 @@ class BOIN:
     def lambda_e(self) -> float:
         """Escalation boundary: the rate at which 'p = p_saf' and 'p = target' are equally likely."""
         t, s = self.target, self.p_saf
+        assert s is not None  # set by __post_init__
         return math.log((1 - s) / (1 - t)) / math.log(t * (1 - s) / (s * (1 - t)))
 
     @property
     def lambda_d(self) -> float:
         """De-escalation boundary: the rate at which 'p = target' and 'p = p_tox' are equally likely."""
         t, x = self.target, self.p_tox
+        assert x is not None  # set by __post_init__
         return math.log((1 - t) / (1 - x)) / math.log(x * (1 - t) / (t * (1 - x)))
 
     @property
@@ -193,13 +197,13 @@ class BOIN:
         """MTD index (-1: none) from the subjects and DLTs observed at each dose."""
         n, y = np.asarray(n_per_dose), np.asarray(dlt_per_dose)
         if n.ndim != 1 or n.shape != y.shape or n.size == 0:
-            raise ValueError("n_per_dose and dlt_per_dose must be non-empty 1-D arrays of equal length")
+            raise InputError("n_per_dose and dlt_per_dose must be non-empty 1-D arrays of equal length")
         if np.any(n != np.round(n)) or np.any(y != np.round(y)) or np.any(y < 0) or np.any(y > n):
-            raise ValueError("n_per_dose and dlt_per_dose must be counts with 0 <= dlt_per_dose <= n_per_dose")
-        n, y = [int(v) for v in n], [int(v) for v in y]
-        most = max(n)
+            raise InputError("n_per_dose and dlt_per_dose must be counts with 0 <= dlt_per_dose <= n_per_dose")
+        n_counts, y_counts = [int(v) for v in n], [int(v) for v in y]
+        most = max(n_counts)
         design = self if most <= self.max_subjects_total else _replace_n_cohorts(self, most)
-        return _boin_select(design.target, n, y, _boin_rules(design))
+        return _boin_select(design.target, n_counts, y_counts, _boin_rules(design))
 
 
 def _replace_n_cohorts(design: BOIN, n_subjects: int) -> BOIN:
@@ -228,13 +232,13 @@ class CRM:
         try:
             skeleton = tuple(float(s) for s in np.atleast_1d(np.asarray(self.skeleton, dtype=float)))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"skeleton must be a sequence of probabilities, got {self.skeleton!r}") from error
+            raise InputError(f"skeleton must be a sequence of probabilities, got {self.skeleton!r}") from error
         if not skeleton:
-            raise ValueError("skeleton must give one prior DLT probability per dose, got none")
+            raise InputError("skeleton must give one prior DLT probability per dose, got none")
         if not all(0 < s < 1 for s in skeleton):
-            raise ValueError(f"skeleton probabilities must lie in (0, 1), got {list(skeleton)}")
+            raise InputError(f"skeleton probabilities must lie in (0, 1), got {list(skeleton)}")
         if any(b <= a for a, b in zip(skeleton, skeleton[1:])):
-            raise ValueError(f"skeleton must be strictly increasing, got {list(skeleton)}")
+            raise InputError(f"skeleton must be strictly increasing, got {list(skeleton)}")
         object.__setattr__(self, "skeleton", skeleton)
         object.__setattr__(self, "target", _check_probability("target", self.target))
         object.__setattr__(self, "cohort_size", _check_int("cohort_size", self.cohort_size, 1))
@@ -244,7 +248,7 @@ class CRM:
             or not isinstance(self.prior_sd, Real)
             or not (math.isfinite(self.prior_sd) and self.prior_sd > 0)
         ):
-            raise ValueError(f"prior_sd must be a finite number > 0, got {self.prior_sd!r}")
+            raise InputError(f"prior_sd must be a finite number > 0, got {self.prior_sd!r}")
         object.__setattr__(self, "prior_sd", float(self.prior_sd))
 
     @property
@@ -256,16 +260,16 @@ class CRM:
 
     def check_n_doses(self, n_doses: int) -> None:
         if len(self.skeleton) != n_doses:
-            raise ValueError(f"skeleton has {len(self.skeleton)} probabilities but the trial has {n_doses} doses")
+            raise InputError(f"skeleton has {len(self.skeleton)} probabilities but the trial has {n_doses} doses")
 
     def posterior_mean_dlt(self, n_per_dose, dlt_per_dose) -> np.ndarray:
         """Posterior mean DLT probability at each dose given the subjects and DLTs observed there."""
         n = np.asarray(n_per_dose, dtype=float)
         y = np.asarray(dlt_per_dose, dtype=float)
         if n.shape != (len(self.skeleton),) or y.shape != n.shape:
-            raise ValueError(f"n_per_dose and dlt_per_dose must each have one entry per dose ({len(self.skeleton)})")
+            raise InputError(f"n_per_dose and dlt_per_dose must each have one entry per dose ({len(self.skeleton)})")
         if np.any(n < 0) or np.any(y < 0) or np.any(y > n):
-            raise ValueError("need 0 <= dlt_per_dose <= n_per_dose at every dose")
+            raise InputError("need 0 <= dlt_per_dose <= n_per_dose at every dose")
         return _CrmPosterior(self).mean_dlt(n, y)
 
 
@@ -293,22 +297,22 @@ def _as_probabilities(name: str, values, ndim: int) -> np.ndarray:
     try:
         array = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be an array of probabilities, got {values!r}") from error
+        raise InputError(f"{name} must be an array of probabilities, got {values!r}") from error
     if array.ndim != ndim:
         shape = "(K,): one probability per dose" if ndim == 1 else "(K, M): M subjects per dose"
-        raise ValueError(f"{name} must have shape {shape}; got shape {array.shape}")
+        raise InputError(f"{name} must have shape {shape}; got shape {array.shape}")
     if array.shape[0] < 1:
-        raise ValueError(f"{name} must describe at least one dose")
+        raise InputError(f"{name} must describe at least one dose")
     if ndim == 2 and array.shape[1] < 1:
-        raise ValueError(f"{name} must hold at least one subject per dose (M >= 1), got shape {array.shape}")
+        raise InputError(f"{name} must hold at least one subject per dose (M >= 1), got shape {array.shape}")
     if not np.all(np.isfinite(array)) or np.any(array < 0) or np.any(array > 1):
-        raise ValueError(f"{name} must hold probabilities in [0, 1]")
+        raise InputError(f"{name} must hold probabilities in [0, 1]")
     return array
 
 
 def _dlt_source(p_dlt, pools) -> _DltSource:
     if (p_dlt is None) == (pools is None):
-        raise ValueError("give exactly one of p_dlt (one DLT probability per dose) or pools (subjects per dose)")
+        raise InputError("give exactly one of p_dlt (one DLT probability per dose) or pools (subjects per dose)")
     if pools is not None:
         pools = _as_probabilities("pools", pools, 2)
         return _DltSource(pools.mean(axis=1), pools)
@@ -331,6 +335,7 @@ class _SubjectStream:
     def probability(self, dose: int, subject: int) -> float:
         if self._pools is None:
             return self._p_dlt[dose]
+        assert self._pool_index is not None  # given together with pools
         return self._pools[dose][self._pool_index[subject]]
 
     def pool_row(self, subject: int) -> int:
@@ -349,6 +354,7 @@ class _SubjectStream:
             p = self._p_dlt[dose]
             return first, sum(1 for j in range(first, last) if u[j] < p)
         row, index = self._pools[dose], self._pool_index
+        assert index is not None  # given together with pools
         return first, sum(1 for j in range(first, last) if u[j] < row[index[j]])
 
 
@@ -582,12 +588,12 @@ def _runner(design: Design, n_doses: int):
         return partial(_run_boin, design, n_doses, _boin_rules(design))
     if isinstance(design, CRM):
         return partial(_run_crm, design, n_doses, _CrmPosterior(design))
-    raise ValueError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
+    raise InputError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
 
 
 def _check_design(design, n_doses: int) -> None:
     if not isinstance(design, ThreePlusThree | BOIN | CRM):
-        raise ValueError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
+        raise InputError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
     design.check_n_doses(n_doses)
 
 
@@ -754,17 +760,17 @@ def exact_operating_characteristics(design: ThreePlusThree, p_dlt) -> OperatingC
     the work grows geometrically with K (about 0.1 s for 12 doses, seconds for 16); escalation-only stays linear.
     """
     if isinstance(design, BOIN | CRM):
-        raise ValueError(
+        raise InputError(
             f"exact operating characteristics are only available for 3+3 and accelerated titration designs, "
             f"not {design.name}; use simulate_trials"
         )
     if not isinstance(design, ThreePlusThree):
-        raise ValueError(f"design must be a ThreePlusThree design, got {type(design).__name__}")
+        raise InputError(f"design must be a ThreePlusThree design, got {type(design).__name__}")
     p = _as_probabilities("p_dlt", p_dlt, 1)
     n_doses = len(p)
     design.check_n_doses(n_doses)
     if design.variant == "de-escalation" and n_doses > MAX_EXACT_DEESCALATION_DOSES:
-        raise ValueError(f"exact operating characteristics of the de-escalation 3+3 grow about 2.2-fold per dose "
+        raise InputError(f"exact operating characteristics of the de-escalation 3+3 grow about 2.2-fold per dose "
                          f"(6 s for 16 doses on a 2-core machine): {n_doses} doses is above the limit of "
                          f"{MAX_EXACT_DEESCALATION_DOSES}; use Monte Carlo (simulate_trials, or --n-trials) instead")
     p_list = p.tolist()
@@ -890,7 +896,7 @@ def simulate_trials(design: Design, p_dlt=None, pools=None, n_trials: int = 1000
     source = _dlt_source(p_dlt, pools)
     n_trials = _check_int("n_trials", n_trials, 1)
     if n_trials > MAX_TRIALS:
-        raise ValueError(f"n_trials = {n_trials:,} is above the limit of {MAX_TRIALS:,} simulated trials (their Monte "
+        raise InputError(f"n_trials = {n_trials:,} is above the limit of {MAX_TRIALS:,} simulated trials (their Monte "
                          "Carlo error is then below 0.1 percentage point, and the per-trial records would not fit "
                          "in memory); give fewer")
     n_doses = source.n_doses

@@ -18,6 +18,7 @@ from importlib import resources
 import numpy as np
 
 from carkin import population
+from carkin.errors import InputError
 from carkin.kinetics import Model
 from carkin.toxicity import DLTModel, dlt_model_for
 
@@ -49,7 +50,7 @@ def _natural(name: str, scale: str, x: float) -> float:
 def draws(model: Model, n: int) -> list[Draw]:
     """``n`` joint draws for ``model`` (cycling through the stored draws when n exceeds them)."""
     if int(n) < 1:
-        raise ValueError(f"the number of calibration draws must be >= 1, got {n!r}")
+        raise InputError(f"the number of calibration draws must be >= 1, got {n!r}")
     kinetic = result(model.name)
     link = result(LINK)
     base = dlt_model_for(model)
@@ -60,8 +61,8 @@ def draws(model: Model, n: int) -> list[Draw]:
             d = kinetic["draws_unconstrained"][i % len(kinetic["draws_unconstrained"])]
             for name, scale, x in zip(kinetic["parameters"], kinetic["scale"], d):
                 v = _natural(name, scale, x)
-                if name.startswith("omega_"):
-                    omegas[name[len("omega_"):]] = v
+                if population.parameter_of_omega(name):
+                    omegas[population.parameter_of_omega(name)] = v
                 else:
                     values[name] = v
         dlt = base
@@ -87,12 +88,12 @@ def population_over_draws(model: Model, chosen: list[Draw], n_subjects: int, see
     rng = np.random.default_rng(seed)
     eta = rng.standard_normal((int(n_subjects), len(model.parameters)))
     names = model.parameter_names
+    virtual = population.Population.of(model)
     blocks = []
     for d in chosen:
-        typ, omega, kinds = population.parameter_table(model.with_values(**d.values))
-        for k, v in d.omegas.items():
-            omega[names.index(k)] = v
-        theta = np.asarray(population.individual_parameters(typ, omega, kinds, eta))
-        blocks.append(np.where(kinds == 1, np.clip(theta, 1e-12, 1 - 1e-12), theta))
+        sites = {**virtual.model_sites(), **d.values}
+        sites.update({population.omega_site(k): v for k, v in d.omegas.items()})
+        theta = np.asarray(virtual.individual(sites, eta))
+        blocks.append(np.where(virtual.fraction_mask(), np.clip(theta, 1e-12, 1 - 1e-12), theta))
     theta = np.concatenate(blocks)
     return dict(zip(names, theta.T))

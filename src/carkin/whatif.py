@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,13 +23,13 @@ import pandas as pd
 import xarray as xr
 
 from carkin import dosing
+from carkin.errors import InputError
 from carkin.kinetics import Model
 from carkin.nca import nca
-from carkin.population import from_unconstrained, to_unconstrained
+from carkin.population import Population, omega_site
 from carkin.simulate import parse_times, simulate
 from carkin.toxicity import DLTModel, default_dlt_model
 
-NORMAL_CELL_OBSERVABLES = ("cd7_cells", "b_cells")  # the antigen-positive normal pool of each model
 RECOVERY_FRACTION = 0.5  # recovered when the normal-cell count is back to half its baseline
 MRD_THRESHOLD = 0.01  # % marrow blasts: below this counts as MRD-negative (flow cytometry, 1e-4)
 RESPONSE_DAY = 28.0
@@ -40,11 +41,11 @@ class HoldRule:
     """Hold a later fraction when ``observable`` just before it is at or above ``threshold``."""
 
     threshold: float
-    observable: str = "car_copies"
+    observable: str | None = None  # None: the model's exposure
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
-            raise ValueError(f"hold rule: threshold must be a positive number, got {self.threshold!r}")
+            raise InputError(f"hold rule: threshold must be a positive number, got {self.threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Schedule:
         object.__setattr__(self, "days", tuple(float(d) for d in self.days))
         dosing.split(1e6, self.fractions, self.days)  # same checks, same messages as carkin.split
         if self.hold is not None and len(self.fractions) < 2:
-            raise ValueError(f"schedule {self.name!r}: a hold rule needs at least two fractions")
+            raise InputError(f"schedule {self.name!r}: a hold rule needs at least two fractions")
 
     def regimen(self, dose_per_kg: float, n_fractions: int | None = None) -> dosing.Regimen:
         """The regimen for a total dose; ``n_fractions`` keeps only the first fractions (the rest held)."""
@@ -79,37 +80,30 @@ def posterior_population(tree, model: Model, n_draws: int, n_per_draw: int, seed
     from carkin.inference import posterior_draws
 
     if json.loads(tree.attrs.get("covariate_effects", "[]")):
-        raise ValueError("what-if runs from a fit with covariate effects are not supported yet; refit without "
+        raise InputError("what-if runs from a fit with covariate effects are not supported yet; refit without "
                          "covariate_effects, or use the model's population (posterior=None)")
     if tree.attrs["model"] != model.name:
-        raise ValueError(f"the posterior is a fit of {tree.attrs['model']!r}, not of {model.name!r}")
+        raise InputError(f"the posterior is a fit of {tree.attrs['model']!r}, not of {model.name!r}")
     if int(n_draws) < 1 or int(n_per_draw) < 1:
-        raise ValueError(f"n_draws and n_subjects must be >= 1, got {n_draws} and {n_per_draw}")
+        raise InputError(f"n_draws and n_subjects must be >= 1, got {n_draws} and {n_per_draw}")
     draws = posterior_draws(tree)
     chains, n_all = next(iter(draws.values())).shape[:2]
     if n_draws > chains * n_all:
-        raise ValueError(f"the fit has {chains * n_all} posterior draws; ask for at most that many (got {n_draws})")
+        raise InputError(f"the fit has {chains * n_all} posterior draws; ask for at most that many (got {n_draws})")
     rng = np.random.default_rng(seed)
     pick = rng.choice(chains * n_all, size=min(n_draws, chains * n_all), replace=False)
     fitted = json.loads(tree.attrs["model_values"])
-    kinds = {"positive": 0, "fraction": 1, "real": 2}
-    out = {}
-    for p in model.parameters:
-        if p.name in draws:
-            typical = draws[p.name].reshape(-1)[pick]
-        else:
-            typical = np.full(pick.size, fitted.get(p.name, model.typical[p.name]))
-        omega_site = f"omega_{p.name}"
-        omega = draws[omega_site].reshape(-1)[pick] if omega_site in draws else np.zeros(pick.size)
-        h = np.asarray(to_unconstrained(typical, kinds[p.kind]))[:, None] + omega[:, None] * rng.standard_normal(
-            (pick.size, n_per_draw))
-        out[p.name] = np.asarray(from_unconstrained(h, kinds[p.kind])).reshape(-1)
+    population = Population.of(model)
+    theta_pop, eta = {}, []
+    for p in model.parameters:  # one block of normals per parameter, in model order
+        site = omega_site(p.name)
+        theta_pop[p.name] = (draws[p.name].reshape(-1)[pick] if p.name in draws
+                             else np.full(pick.size, fitted.get(p.name, model.typical[p.name])))[:, None]
+        theta_pop[site] = (draws[site].reshape(-1)[pick] if site in draws else np.zeros(pick.size))[:, None]
+        eta.append(rng.standard_normal((pick.size, n_per_draw)))
+    theta = np.asarray(population.individual(theta_pop, np.stack(eta, axis=-1)))  # (draw, subject, P)
+    out = {name: theta[..., j].reshape(-1) for j, name in enumerate(model.parameter_names)}
     return out
-
-
-def _normal_cells(model: Model) -> str | None:
-    names = {o.name for o in model.observables}
-    return next((n for n in NORMAL_CELL_OBSERVABLES if n in names), None)
 
 
 def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed):
@@ -124,7 +118,7 @@ def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed
                            progress=False)
     given = np.full((len(doses), n), full)
     if schedule.hold is not None:
-        obs = schedule.hold.observable
+        obs = schedule.hold.observable or model.role("exposure")
         # Fraction j is held (with all later ones) when the level just before it reaches the threshold.
         # Regimen j stops before fraction j, so its value on day j is the pre-infusion level, and it is
         # what a subject not yet held has received up to then.
@@ -158,12 +152,12 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
     """
     doses = [float(d) for d in np.atleast_1d(doses)]
     if not doses or any(not (math.isfinite(d) and d > 0) for d in doses) or len(set(doses)) != len(doses):
-        raise ValueError(f"doses must be distinct positive numbers of cells/kg, got {doses}")
+        raise InputError(f"doses must be distinct positive numbers of cells/kg, got {doses}")
     schedules = list(schedules)
     names = [s.name for s in schedules]
     if not schedules or len(set(names)) != len(names):
-        raise ValueError(f"schedules must be a non-empty list with distinct names, got {names}")
-    dlt_model = dlt_model or default_dlt_model(model.name)
+        raise InputError(f"schedules must be a non-empty list with distinct names, got {names}")
+    dlt_model = (dlt_model or default_dlt_model(model)).for_model(model)
     grid = np.union1d(parse_times(times), [d for s in schedules for d in s.days] + list(visit_days)
                       + list(marrow_days))
     if RESPONSE_DAY not in grid and grid[-1] >= RESPONSE_DAY:
@@ -172,7 +166,7 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
     n = int(n_subjects)
     links = None
     if posterior is not None and calibration:
-        raise ValueError("whatif: give posterior= (a fit) or calibration=True, not both")
+        raise InputError("whatif: give posterior= (a fit) or calibration=True, not both")
     if posterior is not None:
         params = posterior_population(posterior, model, n_draws, n, seed)
         n_draws = params[model.parameter_names[0]].size // n
@@ -210,12 +204,14 @@ def _endpoints(model, schedules, doses, grid, sims, template, dlt_model) -> xr.D
     def stack(name):
         return np.stack([s[0][name] for s in sims], axis=1)  # (dose, schedule, subject, time)
 
-    car = xr.DataArray(stack("car_copies"), dims=(*dims, "time"), coords={"time": grid},
-                       attrs={"units": obs_units["car_copies"]})
+    exposure_name = model.role("exposure")
+    car = xr.DataArray(stack(exposure_name), dims=(*dims, "time"), coords={"time": grid},
+                       attrs={"units": obs_units[exposure_name]})
     res = nca(car)
-    data = {k: (dims, res[k].values, {"units": res[k].attrs["units"], "long_name": res[k].attrs["long_name"]})
-            for k in ("cmax", "tmax", "auc_0_28")}
-    normal = _normal_cells(model)
+    data: dict[str, tuple] = {
+        k: (dims, res[k].values, {"units": res[k].attrs["units"], "long_name": res[k].attrs["long_name"]})
+        for k in ("cmax", "tmax", "auc_0_28")}
+    normal = model.role("normal", required=False)
     if normal is not None:
         y = stack(normal)
         base = y[..., :1]
@@ -232,8 +228,9 @@ def _endpoints(model, schedules, doses, grid, sims, template, dlt_model) -> xr.D
                                               f"recover to {RECOVERY_FRACTION:.0%} of baseline (NaN: not by "
                                               f"day {grid[-1]:g})"})
     burden = None
-    if "blasts" in obs_units:
-        b = stack("blasts")
+    tumour = model.role("tumour", required=False)
+    if tumour is not None:
+        b = stack(tumour)
         at = np.searchsorted(grid, RESPONSE_DAY)
         if at < grid.size and grid[at] == RESPONSE_DAY:
             b0, b28 = b[..., 0], b[..., at]
@@ -273,10 +270,10 @@ def _endpoints(model, schedules, doses, grid, sims, template, dlt_model) -> xr.D
 def _visit_values(model, grid, sims, visit_days, marrow_days) -> xr.Dataset:
     """Observables at the protocol's visits: blood levels on sampling days, blasts on marrow days."""
     units = {o.name: (o.unit, o.long_name) for o in model.observables}
-    out = {}
-    blood = [n for n in ("car_copies", _normal_cells(model)) if n is not None]
-    for names, days, dim in ((blood, visit_days, "visit"), (["blasts"] if "blasts" in units else [], marrow_days,
-                                                             "marrow_visit")):
+    out: dict[str, tuple] = {}
+    blood = [n for n in (model.role("exposure"), model.role("normal", required=False)) if n is not None]
+    marrow = [n for n in (model.role("tumour", required=False),) if n is not None]
+    for names, days, dim in ((blood, visit_days, "visit"), (marrow, marrow_days, "marrow_visit")):
         if not len(days):
             continue
         idx = np.searchsorted(grid, np.asarray(days, float))
@@ -302,7 +299,7 @@ def _dlt_by_draw(ds: xr.Dataset, links) -> xr.DataArray:
 def _unflatten(ds: xr.Dataset, n_draws: int) -> xr.Dataset:
     """subject -> (draw, subject) for a posterior population (subjects are draw-major)."""
     n = ds.sizes["subject"] // n_draws
-    out = {}
+    out: dict[Hashable, xr.DataArray | tuple] = {}
     for name, var in ds.data_vars.items():
         if "subject" not in var.dims:
             out[name] = var
@@ -338,10 +335,10 @@ def summarize(ds: xr.Dataset) -> pd.DataFrame:
             if "recovery_day" in ds:
                 row["recovered_fraction"] = float(np.isfinite(cell["recovery_day"].values[ok.values]).mean())
             for k in fractions:
-                v = cell[k].where(ok).astype(float)
-                row[k] = float(v.mean(pooled))
+                p = cell[k].where(ok).astype(float)
+                row[k] = float(p.mean(pooled))
                 if "draw" in ds.dims:
-                    per_draw = v.mean("subject").values
+                    per_draw = p.mean("subject").values
                     row[f"{k}_p{INTERVAL[0]}"] = float(np.nanpercentile(per_draw, INTERVAL[0]))
                     row[f"{k}_p{INTERVAL[1]}"] = float(np.nanpercentile(per_draw, INTERVAL[1]))
             rows.append(row)
