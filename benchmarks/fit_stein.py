@@ -25,6 +25,8 @@ from simulate_throughput import machine  # noqa: E402
 import carkin as ck  # noqa: E402
 from carkin.inference import _ess, _rhat, population_sites  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "stein_sim.csv"
 
 

@@ -25,6 +25,8 @@ from simulate_throughput import machine  # noqa: E402
 import carkin as ck  # noqa: E402
 from carkin.stream import simulate_to_netcdf  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

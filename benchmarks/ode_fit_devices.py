@@ -38,6 +38,7 @@ def fit_once(a) -> None:
     import carkin as ck
     from carkin.inference import FORWARD_MODE_MAX_PARAMETERS, _ess, population_sites
 
+    ck.configure(compilation_cache=False)  # CARKIN_CPU_DEVICES (set by the parent run) picks the devices
     data = ck.read_dataset(DATA)
     data = data.subset(data.ids[: a.subjects])
     model = ck.load_model("cd7_cart", product_type="naturally_selected")

@@ -38,6 +38,8 @@ from simulate_throughput import machine  # noqa: E402
 import carkin as ck  # noqa: E402
 import carkin.inference as inference  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "cd7_sim.csv"
 CANDIDATES = ("rho", "k_kill", "d_e", "f_blood", "k_ex", "d_m", "r_t", "k_em", "a_m", "g_inf", "k_a", "d_x")
 RANDOM = ("rho", "k_kill", "d_e", "f_blood")

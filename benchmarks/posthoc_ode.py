@@ -36,6 +36,8 @@ import carkin as ck  # noqa: E402
 from carkin.inference import make_problem  # noqa: E402
 from carkin.posthoc import individual_estimates  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "cd7_sim.csv"
 RANDOM = ("rho", "k_kill", "d_e", "f_blood")
 SAME_OPTIMUM = 1e-6  # objectives closer than this count as the same optimum

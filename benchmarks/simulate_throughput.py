@@ -29,6 +29,8 @@ from scipy_reference import compiled_rhs, solve_scipy  # noqa: E402
 
 import carkin as ck  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 FLOOR = 1e-3  # relative errors are measured where the observable exceeds this (its units)
 
 

@@ -63,6 +63,8 @@ import carkin as ck  # noqa: E402
 from carkin.inference import _ess, _rhat, make_problem, population_sites  # noqa: E402
 from carkin.observation import PREDICTION_FLOOR  # noqa: E402
 
+ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "stein_sim.csv"
 STAN_FILE = Path(__file__).resolve().parent / "stan" / "stein_population.stan"

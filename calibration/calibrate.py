@@ -21,9 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import carkin as ck
 from carkin import calibration
 from carkin.calibration import LinkSpec, Prior
 from carkin.library import load_model
+
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "calibration"
 KINETIC_MODELS = ("cd19_cart", "cd7_cart")

@@ -29,10 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import carkin as ck
 from carkin.outputs import Outputs
 from carkin.plots import plot_dose_response, plot_endpoints, whatif_table
 from carkin.protocol import comparable_check, read_protocol, simulate_protocol
 from carkin.whatif import summarize
+
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 
 PROTOCOL = Path(__file__).resolve().parent / "protocols" / "cd7_cart_split_escalation.toml"
 INTERVAL = (5, 95)

@@ -32,6 +32,8 @@ import carkin as ck
 from carkin.diagnostics import individual_curves, parameter_table, vpc
 from carkin.fitplots import save_fit_plots
 
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "cd7_sim.csv"
 ESTIMATE = ("rho", "k_kill", "d_e", "f_blood")
 

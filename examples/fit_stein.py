@@ -26,6 +26,8 @@ import carkin as ck
 from carkin.diagnostics import individual_curves, loo, parameter_table, vpc
 from carkin.fitplots import save_fit_plots
 
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "stein_sim.csv"
 
 

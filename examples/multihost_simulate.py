@@ -33,6 +33,8 @@ import jax
 import carkin as ck
 from carkin.stream import simulate_to_netcdf
 
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

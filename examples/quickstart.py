@@ -14,6 +14,8 @@ import carkin as ck
 from carkin.nca import nca
 from carkin.plots import plot_panel
 
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="carkin quickstart")

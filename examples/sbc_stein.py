@@ -25,6 +25,8 @@ import carkin as ck
 from carkin.batch import rank_uniformity, simulation_based_calibration
 from carkin.fitplots import plot_sbc_ranks
 
+ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "stein_sim.csv"
 
 
