@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) examples/cd7_escalation.py --out out
 
+# Lint and type-check first (about 10 s), then the default tests (slow ones: make test-slow, run by .ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+	$(VENV)/bin/ruff check -q src models tests examples benchmarks calibration
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider --dist loadscope
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
