@@ -574,19 +574,37 @@ def _print_comparable(protocol, ds) -> None:
     print(_table(rows, ["dose (cells/kg)", "schedule", "carkin P(DLT)", "published", "95% interval", "inside"]))
 
 
-def _design_from_args(args):
-    from carkin.trials import BOIN, CRM, ThreePlusThree
+def _flag(option_name: str) -> str:
+    return "--" + option_name.replace("_", "-")
 
-    if args.design == "3+3":
-        return ThreePlusThree(variant=args.variant or "escalation-only", accelerated_doses=args.accelerated_doses)
-    if args.variant is not None or args.accelerated_doses:
-        raise CliError("--variant and --accelerated-doses apply to --design 3+3 only")
-    if args.design == "boin":
-        return BOIN(target=args.target, cohort_size=args.cohort_size, n_cohorts=args.n_cohorts)
-    if not args.skeleton:
-        raise CliError("--design crm needs --skeleton (prior DLT probabilities, one per dose)")
-    return CRM(skeleton=tuple(_numbers(args.skeleton, "--skeleton")), target=args.target,
-               cohort_size=args.cohort_size, n_cohorts=args.n_cohorts)
+
+def _design_options() -> dict:
+    """Every option of every registered design (carkin.trials.DESIGNS), by name, with the designs taking it."""
+    from carkin.trials import DESIGNS
+
+    out: dict = {}
+    for key, cls in DESIGNS.items():
+        for o in cls.options:
+            out.setdefault(o.name, (o, []))[1].append(key)
+    return out
+
+
+def _design_from_args(args):
+    from carkin.trials import DESIGNS, design_from_options
+
+    if args.design is None:
+        raise CliError(f"give a PROTOCOL.toml, or --design ({', '.join(DESIGNS)}) with --p-dlt")
+    own = {o.name for o in DESIGNS[args.design].options}
+    given = {name: getattr(args, name) for name in _design_options() if getattr(args, name, None) is not None}
+    for name, (_, takers) in _design_options().items():
+        if name in given and name not in own:
+            raise CliError(f"{_flag(name)} applies to --design {' or '.join(takers)} only")
+    for o in DESIGNS[args.design].options:
+        if o.kind == "floats" and o.name in given:
+            given[o.name] = tuple(_numbers(given[o.name], _flag(o.name)))
+        if o.required and o.name not in given:
+            raise CliError(f"--design {args.design} needs {_flag(o.name)} ({o.help})")
+    return design_from_options(args.design, given)
 
 
 def _cmd_trial_design(args) -> int:
@@ -601,8 +619,11 @@ def _cmd_trial_design(args) -> int:
         raise CliError(f"--p-dlt: probabilities must lie in [0, 1], got {args.p_dlt}")
     design = _design_from_args(args)
     if args.exact:
-        if args.design != "3+3":
-            raise CliError("--exact works for --design 3+3 (with or without --accelerated-doses); use --n-trials")
+        from carkin.trials import DESIGNS
+
+        if not DESIGNS[args.design].exact:
+            exact = " or ".join(k for k, c in DESIGNS.items() if c.exact)
+            raise CliError(f"--exact works for --design {exact}; use --n-trials for {args.design}")
         oc = exact_operating_characteristics(design, p)
     else:
         if args.n_trials is None or args.n_trials < 1:
@@ -924,15 +945,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.add_argument("--n-subjects", type=int, metavar="N",
                    help="virtual patients per dose level (default: the protocol's)")
-    p.add_argument("--design", choices=("3+3", "boin", "crm"), help="design-only mode: the escalation design")
-    p.add_argument("--variant", choices=("escalation-only", "de-escalation"), help="3+3 variant")
-    p.add_argument("--accelerated-doses", type=int, default=0, metavar="K",
-                   help="accelerated titration (1 patient per cohort) for the first K doses (3+3 only)")
+    from carkin.trials import DESIGNS
+
+    p.add_argument("--design", choices=tuple(DESIGNS), help="design-only mode: the escalation design")
     p.add_argument("--p-dlt", metavar="P1,P2,...", help="DLT probability per dose, lowest dose first")
-    p.add_argument("--target", type=float, default=0.3, help="target DLT rate (boin, crm; default %(default)s)")
-    p.add_argument("--cohort-size", type=int, default=3, help="boin, crm (default %(default)s)")
-    p.add_argument("--n-cohorts", type=int, default=10, help="boin, crm (default %(default)s)")
-    p.add_argument("--skeleton", metavar="S1,S2,...", help="crm: prior DLT probabilities per dose")
+    for o, takers in _design_options().values():  # each registered design's own settings
+        kinds: dict[str, dict] = {"int": dict(type=int, metavar="N"), "float": dict(type=float),
+                                  "floats": dict(metavar="V1,V2,..."), "str": dict(choices=o.choices or None)}
+        default = "" if o.default is None else f"; default {o.default}"
+        p.add_argument(_flag(o.name), default=None, help=f"{o.help} ({', '.join(takers)}{default})", **kinds[o.kind])
     p.add_argument("--exact", action="store_true", help="exact operating characteristics (3+3, enumerating paths)")
     p.add_argument("--n-trials", type=int, metavar="N", help="simulated trials (Monte Carlo)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
@@ -965,17 +986,17 @@ def build_parser() -> argparse.ArgumentParser:
 # Options whose value may be a negative number, which argparse would take for an option flag.
 _NUMERIC_OPTIONS = ("--dose", "--fractions", "--days", "--times", "--weight", "--lloq", "--partial-end", "--seed",
                     "--n-subjects", "--chains", "--warmup", "--samples", "--svi-steps", "--n-replicates", "--n-trials",
-                    "--p-dlt", "--target", "--skeleton", "--accelerated-doses", "--cohort-size", "--n-cohorts",
-                    "--calibration-draws", "--min-span-ratio", "--contraction-end")
+                    "--p-dlt", "--calibration-draws", "--min-span-ratio", "--contraction-end")
 
 
 def _glue_negative_values(argv: list[str]) -> list[str]:
     """'--dose -1e6' -> '--dose=-1e6' so the value reaches carkin's own check and its clear message."""
+    numeric = _NUMERIC_OPTIONS + tuple(_flag(name) for name, (o, _) in _design_options().items() if o.kind != "str")
     out, i = [], 0
     while i < len(argv):
         tok = argv[i]
         nxt = argv[i + 1] if i + 1 < len(argv) else ""
-        if tok in _NUMERIC_OPTIONS and re.match(r"^-\.?\d", nxt):
+        if tok in numeric and re.match(r"^-\.?\d", nxt):
             out.append(f"{tok}={nxt}")
             i += 2
         else:

@@ -19,12 +19,14 @@ import xarray as xr
 from carkin.errors import InputError
 from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, UNIT_RANGES, interval_problem, range_problem, unknown_keys
 from carkin.toxicity import DLTModel, default_dlt_model
-from carkin.trials import MAX_TRIALS
+from carkin.trials import DESIGNS as ESCALATION_DESIGNS
+from carkin.trials import MAX_TRIALS, design_from_options
 from carkin.whatif import HoldRule, Schedule
 
 WEIGHT_CV = 0.2  # log-SD of weight around the age-typical value
 WEIGHT_BOUNDS = (10.0, 150.0)
-DESIGNS = ("3+3", "boin", "crm", "single-arm")
+SINGLE_ARM = "single-arm"  # one dose, no escalation: not a design of carkin.trials
+SINGLE_ARM_KEYS = ("n_patients",)
 KEYS = {  # every table a protocol may have and its keys; [model] takes the model's own options too
     "": ("protocol", "model", "dosing", "population", "sampling", "design", "toxicity", "evidence", "notes"),
     "protocol": ("id", "title", "product", "target", "indication", "setting"),
@@ -33,12 +35,6 @@ KEYS = {  # every table a protocol may have and its keys; [model] takes the mode
                    "weight_kg"),
     "sampling": ("days", "bone_marrow_days", "endpoints"),
     "evidence": ("toxicity",),
-}
-DESIGN_KEYS = {
-    "3+3": ("variant", "accelerated_doses"),
-    "boin": ("target", "cohort_size", "n_cohorts"),
-    "crm": ("skeleton", "target", "cohort_size", "n_cohorts"),
-    "single-arm": ("n_patients",),
 }
 COMMON_DESIGN_KEYS = ("name", "n_trials", "dlt_window_days")
 # Plausible ranges (low, high, unit) for the numbers a protocol gives.
@@ -224,8 +220,8 @@ def read_protocol(path) -> Protocol:
     endpoints = _get(s, "endpoints", f"{path} [sampling]", list, [])
     design = dict(des)
     name = str(design.get("name", ""))
-    if name not in DESIGNS:
-        raise ProtocolError(f"{path} [design]: name must be one of {', '.join(DESIGNS)}, got {name!r}")
+    if name not in design_keys():
+        raise ProtocolError(f"{path} [design]: name must be one of {', '.join(design_keys())}, got {name!r}")
     tox = sections["toxicity"]
     dlt = DLTModel(offset=default_dlt_model(model).offset)
     known = {f for f in DLTModel.__dataclass_fields__}
@@ -265,8 +261,9 @@ def _check_keys(raw: dict, path: str) -> None:
         if table and isinstance(raw.get(table), dict):
             problems += unknown_keys(raw[table], keys, f"{path} [{table}]")
     design = raw.get("design")
-    if isinstance(design, dict) and isinstance(design.get("name"), str) and design["name"] in DESIGN_KEYS:
-        problems += unknown_keys(design, COMMON_DESIGN_KEYS + DESIGN_KEYS[design["name"]],
+    by_design = design_keys()
+    if isinstance(design, dict) and isinstance(design.get("name"), str) and design["name"] in by_design:
+        problems += unknown_keys(design, COMMON_DESIGN_KEYS + by_design[design["name"]],
                                  f"{path} [design] (name = \"{design['name']}\")")
     for name in ("protocol", "model", "dosing", "population", "sampling", "design", "toxicity", "evidence", "notes"):
         if name in raw and not isinstance(raw[name], dict):
@@ -376,37 +373,45 @@ def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=
                   visit_days=protocol.sampling_days, marrow_days=protocol.marrow_days, calibration=calibration)
 
 
-def design_of(protocol: Protocol):
-    """The escalation design object named in the protocol's [design] table."""
-    from carkin.trials import BOIN, CRM, ThreePlusThree
+def design_keys() -> dict[str, tuple[str, ...]]:
+    """Every design a protocol may name (the registered escalation designs and single-arm) and its keys."""
+    keys = {name: tuple(o.name for o in cls.options) for name, cls in ESCALATION_DESIGNS.items()}
+    return {**keys, SINGLE_ARM: SINGLE_ARM_KEYS}
 
+
+DESIGN_KEYS = design_keys()  # the built-in designs' keys (design_keys() also sees designs registered later)
+
+
+def design_of(protocol: Protocol):
+    """The escalation design object named in the protocol's [design] table (None: single-arm)."""
     d, where = protocol.design, f"{protocol.path} [design]"
     n_trials = _get(d, "n_trials", where, int, 1000)
     _in_range(f"{where}: n_trials", n_trials, (1, MAX_TRIALS, "trials"), "a whole number of simulated trials")
     _get(d, "dlt_window_days", where, (int, float))
-    count = lambda key, default, high: _counted(d, key, where, default, high)
+    if d["name"] == SINGLE_ARM:
+        _counted(d, "n_patients", where, 20, 1, 100_000)
+        return None
+    options: dict[str, object] = {}
+    for o in ESCALATION_DESIGNS[d["name"]].options:  # each read with its declared type and range
+        if o.kind == "int":
+            options[o.name] = _counted(d, o.name, where, o.default, *o.bounds(len(protocol.doses)))
+        elif o.kind == "float":
+            value = _get(d, o.name, where, (int, float), o.default)
+            options[o.name] = None if value is None else float(value)
+        elif o.kind == "floats":
+            options[o.name] = _numbers(d, o.name, where, required=o.required)
+        else:
+            options[o.name] = _get(d, o.name, where, str, o.default)
     try:
-        if d["name"] == "3+3":
-            return ThreePlusThree(variant=_get(d, "variant", where, str, "escalation-only"),
-                                  accelerated_doses=count("accelerated_doses", 0, len(protocol.doses)))
-        if d["name"] == "boin":
-            return BOIN(target=float(_get(d, "target", where, (int, float), 0.3)),
-                        cohort_size=count("cohort_size", 3, 100), n_cohorts=count("n_cohorts", 10, 1000))
-        if d["name"] == "crm":
-            return CRM(skeleton=_numbers(d, "skeleton", where, required=True),
-                       target=float(_get(d, "target", where, (int, float), 0.3)),
-                       cohort_size=count("cohort_size", 3, 100), n_cohorts=count("n_cohorts", 10, 1000))
+        return design_from_options(d["name"], options)
     except (TypeError, ValueError) as e:
         if isinstance(e, ProtocolError):
             raise
         raise ProtocolError(f"{where}: {e}") from None
-    count("n_patients", 20, 100_000)
-    return None  # single-arm: no escalation
 
 
-def _counted(d: dict, key: str, where: str, default: int, high: int) -> int:
+def _counted(d: dict, key: str, where: str, default, low: int, high: int) -> int:
     value = _get(d, key, where, int, default)
-    low = 0 if key == "accelerated_doses" else 1
     _in_range(f"{where}: {key}", value, (low, high, ""), "a whole number")
     return value
 

@@ -28,9 +28,11 @@ directly. ``run_trial`` returns one simulated trial with its cohorts and subject
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from numbers import Integral, Real
+from typing import ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
@@ -57,6 +59,85 @@ SIMULATION_CHUNK = 10_000  # trials whose random numbers are drawn in one block
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DesignOption:
+    """One setting of a design as protocol files and the command line give it.
+
+    ``kind``: "int", "float", "str" or "floats" (a list); ``high`` "doses" means the number of
+    dose levels. ``default`` None with ``required`` means it must be given."""
+
+    name: str
+    kind: str
+    default: object
+    help: str
+    low: float | None = None
+    high: float | str | None = None
+    choices: tuple = ()
+    required: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("int", "float", "str", "floats"):
+            raise InputError(f"design option {self.name}: kind must be int, float, str or floats, got {self.kind!r}")
+        if self.kind == "int" and (self.low is None or self.high is None):
+            raise InputError(f"design option {self.name}: a whole-number option needs low and high")
+
+    def bounds(self, n_doses: int) -> tuple[int, int]:
+        """(low, high) of a whole-number option, with ``high="doses"`` read as the number of doses."""
+        low, high = self.low, self.high
+        assert low is not None and high is not None  # checked at construction for int options
+        return int(low), n_doses if high == "doses" else int(high)
+
+
+class EscalationDesign(Protocol):
+    """What a registered design provides (ThreePlusThree, BOIN and CRM are the built-in ones)."""
+
+    key: ClassVar[str]  # its name in protocol files and on the command line
+    exact: ClassVar[bool]  # exact_operating_characteristics applies
+    options: ClassVar[tuple[DesignOption, ...]]
+
+    @property
+    def name(self) -> str: ...
+
+    def runner(self, n_doses: int): ...
+
+    def max_subjects(self, n_doses: int) -> int: ...
+
+    def check_n_doses(self, n_doses: int) -> None: ...
+
+
+# key -> design class: the names a protocol's [design] table and the CLI's --design accept. A design
+# class registers itself with @register_design; nothing else lists the designs.
+DESIGNS: dict[str, type[EscalationDesign]] = {}
+
+
+def register_design(cls):
+    """Class decorator: add a design to DESIGNS under its ``key``."""
+    if cls.key in DESIGNS:
+        raise InputError(f"a design named {cls.key!r} is registered already ({DESIGNS[cls.key].__name__})")
+    DESIGNS[cls.key] = cls
+    return cls
+
+
+def design_from_options(key: str, options: Mapping):
+    """The design registered as ``key`` with ``options`` (name -> value; missing: the option's default)."""
+    if key not in DESIGNS:
+        raise InputError(f"design must be one of {', '.join(DESIGNS)}, got {key!r}")
+    cls = DESIGNS[key]
+    known = {o.name: o for o in cls.options}
+    stray = sorted(set(options) - set(known))
+    if stray:
+        raise InputError(f"design {key!r} takes no option(s) {stray}; its options are {sorted(known)}")
+    values = {}
+    for o in cls.options:
+        if o.name in options and options[o.name] is not None:
+            values[o.name] = tuple(options[o.name]) if o.kind == "floats" else options[o.name]
+        elif o.required:
+            raise InputError(f"design {key!r} needs {o.name} ({o.help})")
+        else:
+            values[o.name] = o.default
+    return cls(**values)
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -74,6 +155,7 @@ def _check_probability(name: str, value, *, open_interval: bool = True) -> float
     return float(value)
 
 
+@register_design
 @dataclass(frozen=True)
 class ThreePlusThree:
     """3+3 design, optionally preceded by accelerated titration on the first ``accelerated_doses`` doses.
@@ -89,6 +171,15 @@ class ThreePlusThree:
     variant: str = "escalation-only"
     accelerated_doses: int = 0
 
+    key: ClassVar[str] = "3+3"
+    exact: ClassVar[bool] = True  # exact operating characteristics by enumerating every path
+    flags_mtd_not_reached: ClassVar[bool] = True  # a top dose that clears is selected with this flag
+    options: ClassVar[tuple[DesignOption, ...]] = (
+        DesignOption("variant", "str", "escalation-only", "3+3 variant", choices=THREE_PLUS_THREE_VARIANTS),
+        DesignOption("accelerated_doses", "int", 0, "accelerated titration (1 patient per cohort) for the first "
+                     "K doses", low=0, high="doses"),
+    )
+
     def __post_init__(self):
         if self.variant not in THREE_PLUS_THREE_VARIANTS:
             raise InputError(f"variant must be one of {list(THREE_PLUS_THREE_VARIANTS)}, got {self.variant!r}")
@@ -97,6 +188,10 @@ class ThreePlusThree:
     @property
     def name(self) -> str:
         return "accelerated titration + 3+3" if self.accelerated_doses > 0 else "3+3"
+
+    def runner(self, n_doses: int):
+        """Function of a subject stream returning (cohorts, selected, mtd_not_reached)."""
+        return partial(_run_three_plus_three, self, n_doses)
 
     def max_subjects(self, n_doses: int) -> int:
         """No dose ever receives more than 6 subjects, so a trial enrols at most 6 K."""
@@ -109,6 +204,7 @@ class ThreePlusThree:
             )
 
 
+@register_design
 @dataclass(frozen=True)
 class BOIN:
     """Bayesian optimal interval design (Liu & Yuan 2015, JRSS-C 64:507).
@@ -128,6 +224,14 @@ class BOIN:
     p_tox: float | None = None
     elimination_cutoff: float = 0.95
     n_earlystop: int = 100
+
+    key: ClassVar[str] = "boin"
+    exact: ClassVar[bool] = False
+    options: ClassVar[tuple[DesignOption, ...]] = (
+        DesignOption("target", "float", 0.3, "target DLT rate", low=0.0, high=1.0),
+        DesignOption("cohort_size", "int", 3, "subjects per cohort", low=1, high=100),
+        DesignOption("n_cohorts", "int", 10, "cohorts per trial", low=1, high=1000),
+    )
 
     def __post_init__(self):
         target = _check_probability("target", self.target)
@@ -150,6 +254,9 @@ class BOIN:
     @property
     def name(self) -> str:
         return "BOIN"
+
+    def runner(self, n_doses: int):
+        return partial(_run_boin, self, n_doses, _boin_rules(self))
 
     @property
     def lambda_e(self) -> float:
@@ -212,6 +319,7 @@ def _replace_n_cohorts(design: BOIN, n_subjects: int) -> BOIN:
     return replace(design, n_cohorts=n_cohorts)
 
 
+@register_design
 @dataclass(frozen=True)
 class CRM:
     """Continual reassessment method with the power model p_k = skeleton_k ** exp(a), a ~ N(0, prior_sd²).
@@ -227,6 +335,15 @@ class CRM:
     cohort_size: int = 3
     n_cohorts: int = 10
     prior_sd: float = math.sqrt(CRM_PRIOR_VARIANCE)
+
+    key: ClassVar[str] = "crm"
+    exact: ClassVar[bool] = False
+    options: ClassVar[tuple[DesignOption, ...]] = (
+        DesignOption("skeleton", "floats", None, "prior DLT probabilities per dose", required=True),
+        DesignOption("target", "float", 0.3, "target DLT rate", low=0.0, high=1.0),
+        DesignOption("cohort_size", "int", 3, "subjects per cohort", low=1, high=100),
+        DesignOption("n_cohorts", "int", 10, "cohorts per trial", low=1, high=1000),
+    )
 
     def __post_init__(self):
         try:
@@ -254,6 +371,9 @@ class CRM:
     @property
     def name(self) -> str:
         return "CRM"
+
+    def runner(self, n_doses: int):
+        return partial(_run_crm, self, n_doses, _CrmPosterior(self))
 
     def max_subjects(self, n_doses: int) -> int:
         return self.cohort_size * self.n_cohorts
@@ -582,18 +702,18 @@ def _run_crm(design: CRM, n_doses: int, posterior: _CrmPosterior, stream: _Subje
 
 def _runner(design: Design, n_doses: int):
     """Function of a subject stream returning (cohorts, selected, mtd_not_reached) for this design."""
-    if isinstance(design, ThreePlusThree):
-        return partial(_run_three_plus_three, design, n_doses)
-    if isinstance(design, BOIN):
-        return partial(_run_boin, design, n_doses, _boin_rules(design))
-    if isinstance(design, CRM):
-        return partial(_run_crm, design, n_doses, _CrmPosterior(design))
-    raise InputError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
+    _check_registered(design)
+    return design.runner(n_doses)
+
+
+def _check_registered(design) -> None:
+    if not isinstance(design, tuple(DESIGNS.values())):
+        names = ", ".join(c.__name__ for c in DESIGNS.values())
+        raise InputError(f"design must be one of the registered designs ({names}), got {type(design).__name__}")
 
 
 def _check_design(design, n_doses: int) -> None:
-    if not isinstance(design, ThreePlusThree | BOIN | CRM):
-        raise InputError(f"design must be a ThreePlusThree, BOIN or CRM design, got {type(design).__name__}")
+    _check_registered(design)
     design.check_n_doses(n_doses)
 
 
@@ -745,7 +865,7 @@ class OperatingCharacteristics:
 
 
 def _variant(design: Design) -> str | None:
-    return design.variant if isinstance(design, ThreePlusThree) else None
+    return getattr(design, "variant", None)
 
 
 MAX_TRIALS = 1_000_000  # Monte Carlo trials per run
@@ -848,7 +968,7 @@ def _summarise(design: Design, selected, not_reached, n_per_dose, dlt_per_dose) 
     dlt_mean, dlt_se = _mean_and_se(dlt_per_dose)
     total_n, total_n_se = _mean_and_se(n_per_dose.sum(axis=1))
     total_dlt, total_dlt_se = _mean_and_se(dlt_per_dose.sum(axis=1))
-    if isinstance(design, ThreePlusThree):
+    if getattr(design, "flags_mtd_not_reached", False):
         p_not_reached, se_not_reached = _mean_and_se(not_reached)
     else:
         p_not_reached, se_not_reached = np.nan, np.nan
