@@ -15,7 +15,8 @@ import numpy as np
 import xarray as xr
 
 from carkin.data import StudyData
-from carkin.inference import FitProblem, make_problem, sample_posteriors
+from carkin.fit_problem import FitProblem, make_problem
+from carkin.inference import sample_posteriors
 from carkin.kinetics import Model
 from carkin.population import Z_SITE
 

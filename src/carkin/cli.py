@@ -361,7 +361,7 @@ def _check_trial_size(protocol, args) -> None:
 
 def _check_sampler(tree) -> None:
     """A chain that never moved makes every summary meaningless: refuse before writing anything."""
-    from carkin.inference import stuck_chains
+    from carkin.convergence import stuck_chains
 
     stuck = stuck_chains(tree)
     if stuck:

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from carkin.convergence import population_sites
 from carkin.errors import InputError
-from carkin.inference import FitProblem, population_sites, subject_observables
+from carkin.fit_problem import FitProblem
 from carkin.population import eta_variable, individual_variable, omega_site
+from carkin.predictions import subject_observables
 from carkin.sampling import over_devices
 
 BLOCK_PER_DEVICE = 256  # subjects optimised together on each device per call

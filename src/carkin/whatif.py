@@ -77,7 +77,7 @@ SPLIT = Schedule("split 10/30/60", (0.1, 0.3, 0.6), (0.0, 1.0, 2.0))
 
 def posterior_population(tree, model: Model, n_draws: int, n_per_draw: int, seed: int) -> dict:
     """Per-subject parameter values: ``n_draws`` posterior draws x ``n_per_draw`` new subjects each."""
-    from carkin.inference import posterior_draws
+    from carkin.fit_results import posterior_draws
 
     if json.loads(tree.attrs.get("covariate_effects", "[]")):
         raise InputError("what-if runs from a fit with covariate effects are not supported yet; refit without "
