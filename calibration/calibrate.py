@@ -23,8 +23,8 @@ from pathlib import Path
 
 import carkin as ck
 from carkin import calibration
-from carkin.calibration import LinkSpec, Prior
-from carkin.library import load_model
+from carkin.model.library import load_model
+from carkin.qualification.calibration import LinkSpec, Prior
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

@@ -32,8 +32,8 @@ import pandas as pd
 import carkin as ck
 from carkin.outputs import Outputs
 from carkin.plots import plot_dose_response, plot_endpoints, whatif_table
-from carkin.protocol import comparable_check, read_protocol, simulate_protocol
-from carkin.whatif import summarize
+from carkin.trials.protocol import comparable_check, read_protocol, simulate_protocol
+from carkin.trials.whatif import summarize
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 import carkin as ck
-from carkin.diagnostics import individual_curves, loo, parameter_table, vpc
-from carkin.fitplots import save_fit_plots
+from carkin.fitting.diagnostics import individual_curves, loo, parameter_table, vpc
+from carkin.plots.fit import save_fit_plots
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

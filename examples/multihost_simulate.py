@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 
 import carkin as ck
-from carkin.stream import simulate_to_netcdf
+from carkin.simulation.stream import simulate_to_netcdf
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 import carkin as ck
-from carkin.nca import nca
 from carkin.plots import plot_panel
+from carkin.simulation.nca import nca
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

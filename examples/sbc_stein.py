@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import carkin as ck
-from carkin.batch import rank_uniformity, simulation_based_calibration
-from carkin.fitplots import plot_sbc_ranks
+from carkin.fitting.batch import rank_uniformity, simulation_based_calibration
+from carkin.plots.fit import plot_sbc_ranks
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
 

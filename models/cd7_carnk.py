@@ -89,9 +89,9 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from carkin.arms import Claim
-from carkin.kinetics import Model, Parameter, SolverSettings, State
-from carkin.physiology import blood_volume_ul
+from carkin.model.kinetics import Model, Parameter, SolverSettings, State
+from carkin.model.physiology import blood_volume_ul
+from carkin.qualification.arms import Claim
 
 from .cd7_cart import (
     ASSAYS,

@@ -153,12 +153,12 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from carkin.arms import Claim
-from carkin.calibration import CalibrationSpec, Prior
 from carkin.errors import InputError
-from carkin.kinetics import WEIGHT, Covariate, Model, Observable, Parameter, SolverSettings, State
-from carkin.observation import Assay
-from carkin.physiology import blood_volume_ul
+from carkin.model.kinetics import WEIGHT, Covariate, Model, Observable, Parameter, SolverSettings, State
+from carkin.model.observation import Assay
+from carkin.model.physiology import blood_volume_ul
+from carkin.qualification.arms import Claim
+from carkin.qualification.calibration import CalibrationSpec, Prior
 
 # --- constants ------------------------------------------------------------------------------
 CELLS_PER_UG_GDNA = 151_500.0  # diploid human cells per µg genomic DNA (6.6 pg DNA per cell)

@@ -56,9 +56,9 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from carkin.arms import Claim
-from carkin.kinetics import WEIGHT, Model, Observable, Parameter, SolverSettings, State
-from carkin.observation import Assay
+from carkin.model.kinetics import WEIGHT, Model, Observable, Parameter, SolverSettings, State
+from carkin.model.observation import Assay
+from carkin.qualification.arms import Claim
 
 TABLE1 = "Stein et al. 2019, CPT:PSP 8:285, Table 1"
 # qPCR transgene level: Stein's log-scale residual error; the LLOQ is an assumption (a typical

@@ -129,12 +129,12 @@ def test_interrupted_simulate_keeps_the_previous_outputs(tmp_path, capsys, monke
     target = tmp_path / "pop.nc"
     assert main([*SIM, "--out", str(target)]) == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import carkin.plots
+    import carkin.plots.simulation
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(carkin.plots, "plot_panel", interrupted)
+    monkeypatch.setattr(carkin.plots.simulation, "plot_panel", interrupted)
     code = main([*SIM, "--dose", "1e7", "--out", str(target), "--overwrite"])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

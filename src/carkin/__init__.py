@@ -5,18 +5,21 @@ Importing carkin switches JAX to 64-bit floats and changes nothing else; call
 (carkin.config says why the one and not the others).
 """
 
+from carkin import _legacy
 from carkin.config import configure  # importing carkin.config switches JAX to 64-bit floats
-from carkin.data import DatasetError, DatasetWarning, StudyData, read_dataset
-from carkin.dosing import Regimen, custom, single, split
 from carkin.errors import CarkinError
-from carkin.inference import FitWarning, ModelDataError, fit, load_fit, save_fit
-from carkin.kinetics import Covariate, Model, Observable, Parameter, State
-from carkin.library import list_models, load_model
-from carkin.nca import nca, nca_long
-from carkin.observation import ErrorModel
-from carkin.population import CovariateEffect
-from carkin.samplers import NUTS, SVI
-from carkin.simulate import SimulationWarning, simulate
+from carkin.fitting.data import DatasetError, DatasetWarning, StudyData, read_dataset
+from carkin.fitting.inference import FitWarning, ModelDataError, fit, load_fit, save_fit
+from carkin.fitting.samplers import NUTS, SVI
+from carkin.model.dosing import Regimen, custom, single, split
+from carkin.model.kinetics import Covariate, Model, Observable, Parameter, State
+from carkin.model.library import list_models, load_model
+from carkin.model.observation import ErrorModel
+from carkin.model.population import CovariateEffect
+from carkin.simulation.nca import nca, nca_long
+from carkin.simulation.simulate import SimulationWarning, simulate
+
+_legacy.install()  # old module paths (carkin.inference, carkin.kinetics, ...) still import
 
 __version__ = "0.1.0"
 

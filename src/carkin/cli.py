@@ -110,7 +110,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _cmd_models(args) -> int:
-    from carkin.library import list_models
+    from carkin.model.library import list_models
 
     models = list_models()
     if not models:
@@ -123,7 +123,7 @@ def _cmd_models(args) -> int:
 
 
 def _load(name: str, product_type: str | None):
-    from carkin.library import load_model
+    from carkin.model.library import load_model
 
     options = {}
     if product_type is not None:  # only models that know the option get it
@@ -155,8 +155,8 @@ def _regimens(args):
 
 def _nca_frame(ds, variable: str):
     """Per (regimen, subject) NCA endpoints as a DataFrame with dose and schedule columns."""
-    from carkin.nca import nca
-    from carkin.plots import regimen_info
+    from carkin.plots.simulation import regimen_info
+    from carkin.simulation.nca import nca
 
     res = nca(ds, variable=variable)
     if "failed" in ds:
@@ -194,7 +194,7 @@ def _cmd_simulate(args) -> int:
     import numpy as np
 
     import carkin as ck
-    from carkin.simulate import parse_times
+    from carkin.simulation.simulate import parse_times
 
     if args.n_subjects is not None and args.n_subjects < 1:
         raise CliError(f"--n-subjects must be >= 1, got {args.n_subjects}")
@@ -237,7 +237,7 @@ def _cmd_simulate(args) -> int:
     print(_summary(df, population))
 
     if out is not None:
-        from carkin.plots import plot_panel
+        from carkin.plots.simulation import plot_panel
 
         assert outputs is not None  # set together with out
         with outputs:
@@ -251,7 +251,7 @@ def _cmd_simulate(args) -> int:
 def _cmd_nca(args) -> int:
     import pandas as pd
 
-    from carkin.nca import nca_long
+    from carkin.simulation.nca import nca_long
 
     path = Path(args.file)
     if not path.is_file():
@@ -352,7 +352,7 @@ def _check_trial_size(protocol, args) -> None:
     draws = max(1, args.calibration_draws)
     _check_size(n * draws, len(protocol.doses), int(max(90, *protocol.sampling_days)) + 1, 4, what="trial simulation")
     n_trials = args.n_trials or protocol.design.get("n_trials", 1000)
-    from carkin.protocol import MAX_TRIALS
+    from carkin.trials.protocol import MAX_TRIALS
 
     if n_trials > MAX_TRIALS:
         raise CliError(f"--n-trials {n_trials} is above the limit of {MAX_TRIALS:,} simulated trials (the Monte Carlo "
@@ -361,7 +361,7 @@ def _check_trial_size(protocol, args) -> None:
 
 def _check_sampler(tree) -> None:
     """A chain that never moved makes every summary meaningless: refuse before writing anything."""
-    from carkin.convergence import stuck_chains
+    from carkin.fitting.convergence import stuck_chains
 
     stuck = stuck_chains(tree)
     if stuck:
@@ -392,9 +392,9 @@ def _print_warnings(caught) -> None:
 
 def _cmd_fit(args) -> int:
     import carkin as ck
-    from carkin.diagnostics import parameter_table
-    from carkin.fitplots import fit_figures
-    from carkin.plots import DPI
+    from carkin.fitting.diagnostics import parameter_table
+    from carkin.plots.fit import fit_figures
+    from carkin.plots.simulation import DPI
 
     for opt in ("chains", "warmup", "samples", "svi_steps"):
         if getattr(args, opt) < 1:
@@ -445,7 +445,7 @@ def _cmd_fit(args) -> int:
     print(f"done in {elapsed:.1f} s")
     print(_table(rows, cols))
     if args.method == "nuts":
-        from carkin.diagnostics import loo
+        from carkin.fitting.diagnostics import loo
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -459,8 +459,8 @@ def _cmd_fit(args) -> int:
 
 def _cmd_vpc(args) -> int:
     import carkin as ck
-    from carkin.diagnostics import vpc
-    from carkin.fitplots import plot_vpc
+    from carkin.fitting.diagnostics import vpc
+    from carkin.plots.fit import plot_vpc
 
     folder = Path(args.fit_dir)
     path = folder / FIT_FILE if folder.is_dir() else folder
@@ -489,9 +489,9 @@ def _summary_rows(table, columns) -> tuple[list[list[str]], list[str]]:
 
 def _cmd_whatif(args) -> int:
     import carkin as ck
-    from carkin.plots import plot_dose_response, plot_endpoints, whatif_table
-    from carkin.protocol import read_protocol, simulate_protocol
-    from carkin.whatif import summarize
+    from carkin.plots.simulation import plot_dose_response, plot_endpoints, whatif_table
+    from carkin.trials.protocol import read_protocol, simulate_protocol
+    from carkin.trials.whatif import summarize
 
     protocol = read_protocol(args.protocol)
     if args.n_subjects is not None and args.n_subjects < 1:
@@ -558,7 +558,7 @@ def _cmd_whatif(args) -> int:
 
 def _print_comparable(protocol, ds) -> None:
     """P(DLT) of the what-if arms against the published arms the protocol file names as comparable."""
-    from carkin.protocol import comparable_check
+    from carkin.trials.protocol import comparable_check
 
     checks = comparable_check(protocol, ds)
     if not checks:
@@ -580,7 +580,7 @@ def _flag(option_name: str) -> str:
 
 def _design_options() -> dict:
     """Every option of every registered design (carkin.trials.DESIGNS), by name, with the designs taking it."""
-    from carkin.trials import DESIGNS
+    from carkin.trials.designs import DESIGNS
 
     out: dict = {}
     for key, cls in DESIGNS.items():
@@ -590,7 +590,7 @@ def _design_options() -> dict:
 
 
 def _design_from_args(args):
-    from carkin.trials import DESIGNS, design_from_options
+    from carkin.trials.designs import DESIGNS, design_from_options
 
     if args.design is None:
         raise CliError(f"give a PROTOCOL.toml, or --design ({', '.join(DESIGNS)}) with --p-dlt")
@@ -610,7 +610,7 @@ def _design_from_args(args):
 def _cmd_trial_design(args) -> int:
     import json
 
-    from carkin.trials import exact_operating_characteristics, simulate_trials
+    from carkin.trials.designs import exact_operating_characteristics, simulate_trials
 
     if args.p_dlt is None:
         raise CliError("give a PROTOCOL.toml, or --design with --p-dlt (DLT probability per dose, e.g. 0.05,0.1,0.2)")
@@ -619,7 +619,7 @@ def _cmd_trial_design(args) -> int:
         raise CliError(f"--p-dlt: probabilities must lie in [0, 1], got {args.p_dlt}")
     design = _design_from_args(args)
     if args.exact:
-        from carkin.trials import DESIGNS
+        from carkin.trials.designs import DESIGNS
 
         if not DESIGNS[args.design].exact:
             exact = " or ".join(k for k, c in DESIGNS.items() if c.exact)
@@ -655,8 +655,8 @@ def _cmd_trial(args) -> int:
     import pandas as pd
 
     import carkin as ck
-    from carkin.plots import plot_trial
-    from carkin.protocol import read_protocol, run_protocol_trial
+    from carkin.plots.simulation import plot_trial
+    from carkin.trials.protocol import read_protocol, run_protocol_trial
 
     protocol = read_protocol(args.protocol)
     for opt in ("n_trials", "n_subjects"):
@@ -716,8 +716,8 @@ def _cmd_trial(args) -> int:
 
 
 def _cmd_qualify(args) -> int:
-    from carkin.library import list_models
-    from carkin.qualify import model_claims, qualify, summary_lines
+    from carkin.model.library import list_models
+    from carkin.qualification.qualify import model_claims, qualify, summary_lines
 
     if args.all == (args.model is not None):
         raise CliError("give one MODEL or --all")
@@ -945,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.add_argument("--n-subjects", type=int, metavar="N",
                    help="virtual patients per dose level (default: the protocol's)")
-    from carkin.trials import DESIGNS
+    from carkin.trials.designs import DESIGNS
 
     p.add_argument("--design", choices=tuple(DESIGNS), help="design-only mode: the escalation design")
     p.add_argument("--p-dlt", metavar="P1,P2,...", help="DLT probability per dose, lowest dose first")
@@ -1036,7 +1036,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:
-        from carkin.data import DatasetError
+        from carkin.fitting.data import DatasetError
 
         if not isinstance(e, (CarkinError, OSError)):
             raise

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from carkin.errors import InputError
-from carkin.kinetics import Model
+from carkin.model.kinetics import Model
 
 
 def _module_names() -> list[str]:

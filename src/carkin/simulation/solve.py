@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from carkin.errors import InputError
-from carkin.kinetics import Model
+from carkin.model.kinetics import Model
 
 _SOLVERS = {"Tsit5": dfx.Tsit5, "Dopri5": dfx.Dopri5, "Dopri8": dfx.Dopri8, "Kvaerno5": dfx.Kvaerno5}
 

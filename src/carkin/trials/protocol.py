@@ -18,10 +18,10 @@ import xarray as xr
 
 from carkin.errors import InputError
 from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, UNIT_RANGES, interval_problem, range_problem, unknown_keys
-from carkin.toxicity import DLTModel, default_dlt_model
-from carkin.trials import DESIGNS as ESCALATION_DESIGNS
-from carkin.trials import MAX_TRIALS, design_from_options
-from carkin.whatif import HoldRule, Schedule
+from carkin.trials.designs import DESIGNS as ESCALATION_DESIGNS
+from carkin.trials.designs import MAX_TRIALS, design_from_options
+from carkin.trials.toxicity import DLTModel, default_dlt_model
+from carkin.trials.whatif import HoldRule, Schedule
 
 WEIGHT_CV = 0.2  # log-SD of weight around the age-typical value
 WEIGHT_BOUNDS = (10.0, 150.0)
@@ -63,7 +63,7 @@ class ComparableArms:
 
     def pooled(self) -> tuple[float, float]:
         """(events, n) over the rows."""
-        from carkin import evidence
+        from carkin.qualification import evidence
 
         events = n = 0.0
         for r in self.rows:
@@ -73,7 +73,7 @@ class ComparableArms:
         return events, n
 
     def interval(self) -> tuple[float, float]:
-        from carkin.evidence import clopper_pearson
+        from carkin.qualification.evidence import clopper_pearson
 
         return clopper_pearson(*self.pooled())
 
@@ -114,7 +114,7 @@ class Protocol:
     comparable: tuple = ()  # ComparableArms: published toxicity arms comparable to a dose and schedule
 
     def load_model(self):
-        from carkin.library import load_model
+        from carkin.model.library import load_model
 
         return load_model(self.model, **self.model_options)
 
@@ -274,7 +274,7 @@ def _check_keys(raw: dict, path: str) -> None:
 
 def _check_model(name: str, options: dict, path: str):
     """The model exists and takes these options (checked when the file is read, not after a simulation)."""
-    from carkin.library import load_model
+    from carkin.model.library import load_model
 
     try:
         return load_model(name, **options)
@@ -299,7 +299,7 @@ def _interval(where: str, key: str, pair, bounds) -> None:
 
 def _comparable(table: dict, path: str) -> tuple:
     """[[evidence.toxicity]] entries: dose, schedule, rows (evidence row ids), note."""
-    from carkin import evidence
+    from carkin.qualification import evidence
 
     out = []
     entries = table.get("toxicity", [])
@@ -359,7 +359,7 @@ def simulate_protocol(protocol: Protocol, schedules=None, n_subjects=None, seed=
     the protocol's model) parameters come from ``n_draws`` posterior draws, each with its own subjects;
     with ``calibration=True`` from ``n_draws`` calibration draws (carkin.uncertainty), each with the same
     virtual patients and its own DLT link."""
-    from carkin.whatif import whatif
+    from carkin.trials.whatif import whatif
 
     model = protocol.load_model()
     n = n_subjects or protocol.n_subjects
@@ -442,7 +442,7 @@ def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjec
     Returns (Dataset of the example trial's patients and the per-dose populations, operating
     characteristics as a JSON-ready dict).
     """
-    from carkin.trials import run_trial
+    from carkin.trials.designs import run_trial
 
     n_trials = int(n_trials or protocol.design.get("n_trials", 1000))
     if n_trials < 1:
@@ -486,7 +486,7 @@ def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjec
 
 def _operating(design, protocol: Protocol, pools: np.ndarray, n_trials: int, rng) -> dict:
     """Operating characteristics of one pool table (dose, subject)."""
-    from carkin.trials import simulate_trials
+    from carkin.trials.designs import simulate_trials
 
     if design is None:
         return _single_arm(pools[0], int(protocol.design.get("n_patients", 20)), n_trials, rng)

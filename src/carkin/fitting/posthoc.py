@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from carkin.convergence import population_sites
 from carkin.errors import InputError
-from carkin.fit_problem import FitProblem
-from carkin.population import eta_variable, individual_variable, omega_site
-from carkin.predictions import subject_observables
-from carkin.sampling import over_devices
+from carkin.fitting.convergence import population_sites
+from carkin.fitting.fit_problem import FitProblem
+from carkin.fitting.predictions import subject_observables
+from carkin.fitting.sampling import over_devices
+from carkin.model.population import eta_variable, individual_variable, omega_site
 
 BLOCK_PER_DEVICE = 256  # subjects optimised together on each device per call
 GTOL = 1e-6  # gradient norm (in z units) at which a subject's optimisation has converged

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import xarray as xr
 
-from carkin.convergence import (  # noqa: F401  (the names this module always offered)
+from carkin.errors import CarkinError, InputError
+from carkin.fitting.convergence import (  # noqa: F401  (the names this module always offered)
     ESS_PER_CHAIN_MIN,
     RHAT_MAX,
     TREE_DEPTH_SATURATION_MAX,
@@ -30,10 +31,9 @@ from carkin.convergence import (  # noqa: F401  (the names this module always of
     population_sites,
     stuck_chains,
 )
-from carkin.data import StudyData
-from carkin.errors import CarkinError, InputError
-from carkin.fit_design import Design, FitDesign, ModelDataError, build_design  # noqa: F401
-from carkin.fit_problem import (  # noqa: F401
+from carkin.fitting.data import StudyData
+from carkin.fitting.fit_design import Design, FitDesign, ModelDataError, build_design  # noqa: F401
+from carkin.fitting.fit_problem import (  # noqa: F401
     FORWARD_MODE_MAX_PARAMETERS,
     OMEGA_PRIOR_DEFAULT,
     OMEGA_PRIOR_FACTOR,
@@ -42,7 +42,7 @@ from carkin.fit_problem import (  # noqa: F401
     default_priors,
     make_problem,
 )
-from carkin.fit_results import (  # noqa: F401
+from carkin.fitting.fit_results import (  # noqa: F401
     DRAW_BATCH,
     _derived,
     load_fit,
@@ -52,11 +52,11 @@ from carkin.fit_results import (  # noqa: F401
     simulate_replicates,
     to_datatree,
 )
+from carkin.fitting.predictions import _forward_mode_observables, predict_grid, subject_observables  # noqa: F401
+from carkin.fitting.samplers import NUTS, SVI, from_arguments
 from carkin.guards import check_memory, check_seed
-from carkin.kinetics import Model
-from carkin.population import CENTRED_SITE, Z_SITE  # noqa: F401  (CENTRED_SITE: offered here before)
-from carkin.predictions import _forward_mode_observables, predict_grid, subject_observables  # noqa: F401
-from carkin.samplers import NUTS, SVI, from_arguments
+from carkin.model.kinetics import Model
+from carkin.model.population import CENTRED_SITE, Z_SITE  # noqa: F401  (CENTRED_SITE: offered here before)
 
 SVI_STEP_SIZE = 0.01
 SVI_INIT_SCALE = 0.05
@@ -106,7 +106,7 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     ``init``, ``svi_steps`` and ``svi_draws`` at their defaults.
     Sampler problems are reported as FitWarning with what to try.
     """
-    from carkin.data import read_dataset
+    from carkin.fitting.data import read_dataset
 
     if not isinstance(data, StudyData):
         data = read_dataset(data)
@@ -164,7 +164,7 @@ def sample_posteriors(problem: FitProblem, init_keys, run_keys, obs, init_strate
     Raises FitError when no chain finds a start."""
     from numpyro.infer.util import initialize_model
 
-    from carkin.sampling import run_nuts
+    from carkin.fitting.sampling import run_nuts
 
     first = jax.tree.map(lambda a: np.asarray(a)[0], obs)  # every dataset shares the design's shapes
     with warnings.catch_warnings():

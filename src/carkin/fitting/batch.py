@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import xarray as xr
 
-from carkin.data import StudyData
-from carkin.fit_problem import FitProblem, make_problem
-from carkin.inference import sample_posteriors
-from carkin.kinetics import Model
-from carkin.population import Z_SITE
+from carkin.fitting.data import StudyData
+from carkin.fitting.fit_problem import FitProblem, make_problem
+from carkin.fitting.inference import sample_posteriors
+from carkin.model.kinetics import Model
+from carkin.model.population import Z_SITE
 
 
 def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 300, seed: int = 0,

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from carkin import dosing, population
 from carkin.errors import InputError, InputTypeError
 from carkin.guards import check_memory, check_seed
-from carkin.kinetics import Model
-from carkin.solve import check_tolerances, solve_subject
+from carkin.model import dosing, population
+from carkin.model.kinetics import Model
+from carkin.simulation.solve import check_tolerances, solve_subject
 from carkin.strict import TIME_RANGE, UNIT_RANGES
 
 # Chunks of 256 subjects keep the solver's working set in cache: measured fastest on
@@ -151,7 +151,7 @@ def _check_domain(prm, values: np.ndarray) -> None:
     elif prm.kind == "fraction":
         ok &= (values > 0) & (values < 1)
     if not ok.all():
-        from carkin.kinetics import check_value
+        from carkin.model.kinetics import check_value
 
         check_value(prm.name, values[~ok][0], prm.kind)  # raises with the model's message
 
@@ -279,7 +279,7 @@ def simulate(
     bar.close()
     ds = _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
     if measurements:
-        from carkin.measure import measure
+        from carkin.simulation.measure import measure
 
         ds = measure(ds, model, seed=seed)
     return ds

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from carkin.data import StudyData
 from carkin.errors import InputError
-from carkin.kinetics import Model
+from carkin.fitting.data import StudyData
+from carkin.model.kinetics import Model
 
 
 class ModelDataError(InputError):

@@ -17,10 +17,10 @@ from importlib import resources
 
 import numpy as np
 
-from carkin import population
 from carkin.errors import InputError
-from carkin.kinetics import Model
-from carkin.toxicity import DLTModel, dlt_model_for
+from carkin.model import population
+from carkin.model.kinetics import Model
+from carkin.trials.toxicity import DLTModel, dlt_model_for
 
 LINK = "toxicity"
 

@@ -12,9 +12,9 @@ import math
 
 import pandas as pd
 
-from carkin import evidence
-from carkin.arms import DEFAULT_N, DEFAULT_SEED, Claim, VirtualArm, design_of, statistic
-from carkin.library import load_model
+from carkin.model.library import load_model
+from carkin.qualification import evidence
+from carkin.qualification.arms import DEFAULT_N, DEFAULT_SEED, Claim, VirtualArm, design_of, statistic
 
 COLUMNS = ("model", "row_id", "role", "quantity", "statistic", "reported", "unit", "carkin", "tolerance_low",
            "tolerance_high", "passed", "n_virtual", "source", "note")
@@ -40,7 +40,7 @@ def interval(claim: Claim, row: evidence.Row) -> evidence.Interval:
 def qualify_claim(model_name: str, claim: Claim, *, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, dlt_model=None,
                   values=None, omegas=None) -> list[dict]:
     """The qualification line(s) of one claim."""
-    from carkin.toxicity import dlt_model_for
+    from carkin.trials.toxicity import dlt_model_for
 
     arm = arm_for(model_name, claim, n, seed)
     row = evidence.row(claim.row)

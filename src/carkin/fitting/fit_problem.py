@@ -12,12 +12,13 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from carkin.data import StudyData
 from carkin.errors import InputError, InputTypeError
-from carkin.fit_design import FitDesign, build_design
-from carkin.kinetics import Model
-from carkin.observation import ErrorModel
-from carkin.population import (
+from carkin.fitting.data import StudyData
+from carkin.fitting.fit_design import FitDesign, build_design
+from carkin.fitting.predictions import predict_grid
+from carkin.model.kinetics import Model
+from carkin.model.observation import ErrorModel
+from carkin.model.population import (
     CENTRED_SITE,
     Z_SITE,
     CovariateEffect,
@@ -28,7 +29,6 @@ from carkin.population import (
     sigma_site,
     transform_of,
 )
-from carkin.predictions import predict_grid
 
 PRIOR_LOG_SD = 1.0  # default prior of a typical value: a factor e either way on its log/logit scale
 OMEGA_PRIOR_FACTOR = 2.0  # default omega prior: HalfNormal(2 x the model's omega)

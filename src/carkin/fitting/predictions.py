@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from carkin.kinetics import Model
-from carkin.solve import solve_subject
+from carkin.model.kinetics import Model
+from carkin.simulation.solve import solve_subject
 
 # --- predictions -------------------------------------------------------------------------------
 

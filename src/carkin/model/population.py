@@ -25,7 +25,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from carkin.errors import InputError
-from carkin.kinetics import Model, Parameter
+from carkin.model.kinetics import Model, Parameter
 
 EFFECT_KINDS = ("power", "linear", "categorical")
 

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, special, stats
 
-from carkin import evidence
-from carkin.arms import Claim, VirtualArm, design_of, statistic
 from carkin.errors import InputError
-from carkin.library import load_model
-from carkin.population import omega_site, parameter_of_omega
+from carkin.model.library import load_model
+from carkin.model.population import omega_site, parameter_of_omega
+from carkin.qualification import evidence
+from carkin.qualification.arms import Claim, VirtualArm, design_of, statistic
 
 SMOOTH = 0.05  # width of the logistic threshold steps (log scale) in the calibration likelihood
 P_FLOOR = 1e-6  # simulated proportions are kept in [P_FLOOR, 1 - P_FLOOR] inside the binomial
@@ -387,7 +387,7 @@ class LinkProblem:
     n_evaluations: int = field(init=False, default=0)
 
     def __post_init__(self):
-        from carkin.toxicity import DLTModel
+        from carkin.trials.toxicity import DLTModel
 
         self.template = DLTModel() if self.spec.window_end_day is None else DLTModel(
             window_end_day=self.spec.window_end_day)

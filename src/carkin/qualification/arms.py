@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from carkin import dosing, evidence, population
 from carkin.errors import InputError
-from carkin.kinetics import Model
-from carkin.nca import nca
+from carkin.model import dosing, population
+from carkin.model.kinetics import Model
+from carkin.qualification import evidence
+from carkin.simulation.nca import nca
 
 CR_BLAST_PCT = 5.0  # % marrow blasts: complete remission below this (NCI workshop, Kröger 2010; data/evidence)
 MRD_BLAST_PCT = 0.01  # % marrow blasts: flow-cytometry MRD negativity, 1e-4 (ELIANA; data/evidence/physiology.csv)
@@ -168,7 +169,7 @@ class VirtualArm:
 
     def _population(self, rng) -> dict:
         """Covariates of the arm's virtual patients: age-typical weights, burden, the rest as claimed."""
-        from carkin.protocol import typical_weight_kg
+        from carkin.trials.protocol import typical_weight_kg
 
         names = {c.name: c for c in self.model.covariates}
         out = {}
@@ -215,7 +216,7 @@ class VirtualArm:
 
     def simulate(self, values: dict | None = None, omegas: dict | None = None) -> xr.Dataset:
         """The arm's virtual patients at the given population values (measurements added where claimed)."""
-        from carkin.simulate import SimulationWarning, simulate
+        from carkin.simulation.simulate import SimulationWarning, simulate
 
         model = self.model.with_values(**(values or {}))
         with warnings.catch_warnings():
@@ -225,7 +226,7 @@ class VirtualArm:
                           params=self.individual(values, omegas), covariates=self.covariates, seed=self.seed,
                           progress=False)
         if self.design.measured and self.model.assays:
-            from carkin.measure import measure
+            from carkin.simulation.measure import measure
 
             ds = measure(ds, self.model, seed=_seed(self.design.key, self.seed))
         return ds

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from carkin.convergence import population_sites
-from carkin.data import StudyData
 from carkin.errors import InputError
-from carkin.fit_design import FitDesign
-from carkin.fit_problem import FitProblem
-from carkin.kinetics import Model
-from carkin.observation import ErrorModel
-from carkin.population import (
+from carkin.fitting.convergence import population_sites
+from carkin.fitting.data import StudyData
+from carkin.fitting.fit_design import FitDesign
+from carkin.fitting.fit_problem import FitProblem
+from carkin.model.kinetics import Model
+from carkin.model.observation import ErrorModel
+from carkin.model.population import (
     Z_SITE,
     eta_variable,
     individual_variable,
@@ -188,8 +188,8 @@ def load_fit(path) -> xr.DataTree:
 
 def problem_from_tree(tree: xr.DataTree) -> FitProblem:
     """Rebuild the population problem of a fit (for predictions and VPCs) from the DataTree alone."""
-    from carkin.library import load_model
-    from carkin.population import EffectColumn
+    from carkin.model.library import load_model
+    from carkin.model.population import EffectColumn
 
     model = load_model(tree.attrs["model"], **json.loads(tree.attrs.get("model_options", "{}")))
     model = model.with_values(**json.loads(tree.attrs["model_values"]))

@@ -39,7 +39,7 @@ import pandas as pd
 import xarray as xr
 
 from carkin.errors import InputError, InputTypeError
-from carkin.kinetics import variable_with_role
+from carkin.model.kinetics import variable_with_role
 
 BLQ_RULE = (
     "A value is BLQ when it is missing (NaN) or below the LLOQ. BLQ values before the first "

@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from carkin import dosing
 from carkin.errors import InputError
-from carkin.kinetics import Model
-from carkin.nca import nca
-from carkin.population import Population, omega_site
-from carkin.simulate import parse_times, simulate
-from carkin.toxicity import DLTModel, default_dlt_model
+from carkin.model import dosing
+from carkin.model.kinetics import Model
+from carkin.model.population import Population, omega_site
+from carkin.simulation.nca import nca
+from carkin.simulation.simulate import parse_times, simulate
+from carkin.trials.toxicity import DLTModel, default_dlt_model
 
 RECOVERY_FRACTION = 0.5  # recovered when the normal-cell count is back to half its baseline
 MRD_THRESHOLD = 0.01  # % marrow blasts: below this counts as MRD-negative (flow cytometry, 1e-4)
@@ -77,7 +77,7 @@ SPLIT = Schedule("split 10/30/60", (0.1, 0.3, 0.6), (0.0, 1.0, 2.0))
 
 def posterior_population(tree, model: Model, n_draws: int, n_per_draw: int, seed: int) -> dict:
     """Per-subject parameter values: ``n_draws`` posterior draws x ``n_per_draw`` new subjects each."""
-    from carkin.fit_results import posterior_draws
+    from carkin.fitting.fit_results import posterior_draws
 
     if json.loads(tree.attrs.get("covariate_effects", "[]")):
         raise InputError("what-if runs from a fit with covariate effects are not supported yet; refit without "
@@ -172,7 +172,7 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
         n_draws = params[model.parameter_names[0]].size // n
         n = n_draws * n
     elif calibration:
-        from carkin.uncertainty import draws, population_over_draws
+        from carkin.qualification.uncertainty import draws, population_over_draws
 
         chosen = draws(model, n_draws)
         params = population_over_draws(model, chosen, n, seed)

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from carkin.convergence import _ess, _rhat, population_sites
-from carkin.fit_results import posterior_draws, problem_from_tree, simulate_replicates
-from carkin.population import Z_SITE, eta_variable, omega_site, parameter_of_omega
-from carkin.predictions import predict_grid
+from carkin.fitting.convergence import _ess, _rhat, population_sites
+from carkin.fitting.fit_results import posterior_draws, problem_from_tree, simulate_replicates
+from carkin.fitting.predictions import predict_grid
+from carkin.model.population import Z_SITE, eta_variable, omega_site, parameter_of_omega
 
 INTERVAL = 0.90  # reported credible interval (equal-tailed)
 VPC_PERCENTILES = (5, 50, 95)

@@ -24,9 +24,9 @@ import numpy as np
 import xarray as xr
 
 from carkin.errors import InputError
-from carkin.kinetics import Model
+from carkin.model.kinetics import Model
 from carkin.outputs import Outputs
-from carkin.simulate import parse_times, simulate
+from carkin.simulation.simulate import parse_times, simulate
 
 DEFAULT_BLOCK = 50_000  # subjects per block: ~180 MB of outputs for 91 times x 5 observables
 

@@ -103,7 +103,7 @@ def default_dlt_model(model) -> DLTModel:
     """The calibrated link for ``model`` (a model or a library name): the offset of its cell type, and the
     names it reads from the model's roles."""
     if isinstance(model, str):
-        from carkin.library import load_model
+        from carkin.model.library import load_model
 
         model = load_model(model)
     return DLTModel(offset=OFFSETS.get(model.cell_type, 0.0)).for_model(model)

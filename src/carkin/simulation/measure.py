@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from carkin import observation
 from carkin.errors import InputError, InputTypeError
-from carkin.kinetics import Model
-from carkin.observation import Assay
+from carkin.model import observation
+from carkin.model.kinetics import Model
+from carkin.model.observation import Assay
 
 MEASUREMENT_STREAM = 0x6D656173  # folded into the seed so measurement noise never reuses the population draws
 

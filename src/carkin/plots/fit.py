@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from carkin import diagnostics
 from carkin.errors import InputError
-from carkin.observation import ErrorModel
+from carkin.fitting import diagnostics
+from carkin.model.observation import ErrorModel
+from carkin.model.population import sigma_add_site, sigma_site
 from carkin.outputs import save_figure
-from carkin.plots import DPI, MAX_DECADES, _clip_log_limits, _wrap
-from carkin.population import sigma_add_site, sigma_site
+from carkin.plots.simulation import DPI, MAX_DECADES, _clip_log_limits, _wrap
 
 __all__ = ["plot_gof", "plot_individual_fits", "plot_vpc", "save_fit_plots"]
 
@@ -69,7 +69,7 @@ def _units(tree: xr.DataTree) -> dict[str, str]:
 
 def _long_names(tree: xr.DataTree) -> dict[str, str]:
     """Observable -> readable name from the fitted model; the bare name when the model is not in the library."""
-    from carkin.library import load_model
+    from carkin.model.library import load_model
 
     names = _observables(tree)
     try:

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from carkin.errors import InputError, InputTypeError, UnknownNameError
-from carkin.kinetics import variable_with_role
+from carkin.model.kinetics import variable_with_role
 from carkin.outputs import save_figure
 
 __all__ = ["plot_endpoints", "plot_panel", "plot_profiles", "regimen_info"]
