@@ -1,0 +1,5 @@
+"""python -m carkin.cli"""
+
+from carkin.cli import main
+
+raise SystemExit(main())
