@@ -2,4 +2,7 @@
 
 ``carkin.plots`` offers the simulation plots' public names, as the single module of that name did."""
 
-from carkin.plots.simulation import *  # noqa: F403
+from carkin.plots import simulation as _simulation
+
+# every name the single module of this name had (its __all__ lists only some), so old imports keep working
+globals().update({k: v for k, v in vars(_simulation).items() if not k.startswith("__")})

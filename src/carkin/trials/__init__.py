@@ -3,5 +3,7 @@ toxicity link, what-if grids and protocol files.
 
 ``carkin.trials`` offers the designs module's public names, as the single module of that name did."""
 
-from carkin.trials.designs import *  # noqa: F403
-from carkin.trials.designs import __doc__ as _designs_doc  # noqa: F401
+from carkin.trials import designs as _designs
+
+# every name the single module of this name had (its __all__ lists only some), so old imports keep working
+globals().update({k: v for k, v in vars(_designs).items() if not k.startswith("__")})
