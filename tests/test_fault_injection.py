@@ -29,7 +29,12 @@ from carkin import outputs as outputs_module
 from carkin.cli import main
 from carkin.outputs import PART, journals, recover
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # these tests fork on purpose, in the write phase after all JAX work: JAX's warning that a fork of a
+    # multithreaded process may deadlock is expected here (a stuck child is killed after 60 s)
+    pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning"),
+]
 
 KILLS = 50  # per command
 ROOT = Path(__file__).resolve().parents[1]
