@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -168,7 +169,7 @@ def test_save_fit_plots_writes_pngs(fit, tmp_path):
     paths = fp.save_fit_plots(tree, tmp_path / "plots", curves=curves, vpc_df=vpc_df)
     assert [p.split("/")[-1] for p in paths] == ["individual_fits.png", "gof.png", "vpc.png"]
     for p in paths:
-        content = open(p, "rb").read()
+        content = Path(p).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 10_000
 
 
@@ -176,7 +177,7 @@ def test_save_fit_plots_writes_pngs(fit, tmp_path):
 def test_save_fit_plots_computes_what_is_missing(fit, tmp_path):
     tree, _, _ = fit
     paths = fp.save_fit_plots(tree, tmp_path, max_subjects=2)
-    assert all(open(p, "rb").read().startswith(PNG_MAGIC) for p in paths)
+    assert all(Path(p).read_bytes().startswith(PNG_MAGIC) for p in paths)
 
 
 @pytest.mark.slow  # compiling the ODE model's fit takes over a minute
