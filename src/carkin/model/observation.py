@@ -185,10 +185,6 @@ class Combined(ErrorModel):
 
 
 # The functional forms take the model's name (older API, kept for scripts that call them).
-def _scale(kind: str, f, sigma, sigma_add):
-    return ErrorModel(kind).scale(jnp.maximum(f, PREDICTION_FLOOR), sigma, sigma_add)
-
-
 def log_likelihood(kind: str, y, f, blq, lloq, sigma, sigma_add=0.0):
     """:meth:`ErrorModel.log_likelihood` of the error model named ``kind``."""
     return ErrorModel(kind).log_likelihood(y, f, blq, lloq, sigma, sigma_add)

@@ -61,11 +61,12 @@ def measure(ds: xr.Dataset, model: Model, *, seed: int = 0, observables=None, as
         arr = true.transpose(*lead, "subject", "time").values
         flat = arr.reshape(-1, *arr.shape[-2:])
         noisy = np.empty_like(flat)
+        error = observation.ErrorModel(assay.error)  # the error model owns its scale and its inverse
         for r in range(flat.shape[0]):
             z = np.asarray(_noise(jax.random.fold_in(key, j), r, subjects, flat.shape[-1]))
-            centre, sd = observation._scale(assay.error, jnp.asarray(flat[r]), assay.sigma, assay.sigma_add)
-            g = np.asarray(centre) + np.asarray(sd) * z
-            noisy[r] = np.exp(g) if assay.error == "log-additive" else g
+            f = jnp.maximum(jnp.asarray(flat[r]), observation.PREDICTION_FLOOR)
+            centre, sd = error.scale(f, assay.sigma, assay.sigma_add)
+            noisy[r] = np.asarray(error.g_inverse(jnp.asarray(centre) + jnp.asarray(sd) * z))
         noisy = noisy.reshape(arr.shape)
         blq = noisy < assay.lloq
         dims = (*lead, "subject", "time")
