@@ -251,7 +251,7 @@ NORMAL_DETECTION_LIMIT = 1.0  # cells/µL: normal T/NK cells "not detected" by f
 
 
 def _role(model: Model, role: str) -> str:
-    name = model.roles.get(role)
+    name = model.role(role, required=False)  # the lookup (and the check of the role name) is the model's
     if name is None:
         raise evidence.EvidenceError(f"model {model.name!r} declares no {role!r} role; it cannot be held against "
                                      f"rows that need one (roles: {model.roles})")
