@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 import carkin as ck
 from carkin import diagnostics as dg
 from carkin import fitplots as fp
+from carkin.fitting.observations import merge_observables, observation_table, split_observables
 
 SUBJECTS = [1, 2, 3, 4, 5, 6, 7, 8]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,9 +32,7 @@ def fit():
 
 
 def _observed(tree) -> pd.DataFrame:
-    obs = tree["observed_data"].to_dataset()
-    return pd.DataFrame({"id": obs["obs_id"].values.astype(str), "observable": obs["observable"].values.astype(str),
-                         "dv": obs["dv"].values, "blq": obs["blq"].values.astype(bool), "lloq": obs["lloq"].values})
+    return observation_table(tree)
 
 
 def _lines_with_marker(ax, marker):
@@ -49,7 +48,7 @@ def _two_observables(tree, curves, vpc_df):
     """The Stein fit relabelled as two observables (every other record a proportional-error
     'car_cells', and in the VPC without an LLOQ), so layouts with several observables are checked
     without an ODE fit."""
-    groups = tree.to_dict()
+    groups = merge_observables(tree).to_dict()
     n = groups["/observed_data"].sizes["obs"]
     names = np.where(np.arange(n) % 2 == 0, "car_copies", "car_cells")
     out = {}
@@ -59,9 +58,10 @@ def _two_observables(tree, curves, vpc_df):
         out[path] = ds
     out["/observed_data"]["dv"].attrs["units"] = "car_copies: copies/µg gDNA; car_cells: cells/µL"
     out["/posterior"]["sigma_car_cells"] = out["/posterior"]["sigma_car_copies"]
-    two = xr.DataTree.from_dict(out)
-    two.attrs = {**tree.attrs, "observables": ["car_copies", "car_cells"],
-                 "error_models": json.dumps({"car_copies": "log-additive", "car_cells": "proportional"})}
+    flat = xr.DataTree.from_dict(out)
+    flat.attrs = {**tree.attrs, "observables": ["car_copies", "car_cells"],
+                  "error_models": json.dumps({"car_copies": "log-additive", "car_cells": "proportional"})}
+    two = split_observables(flat)
     two_curves = xr.concat([curves, curves.assign_coords(observable=["car_cells"])], dim="observable")
     second = vpc_df.assign(observable="car_cells", lloq=np.nan, units="cells/µL")
     return two, two_curves, pd.concat([vpc_df, second], ignore_index=True)

@@ -331,9 +331,13 @@ def test_datatree_groups_names_dims_units(svi_fit, tmp_path):
         assert post[f"eta_{name}"].dims == ("chain", "draw", "subject")
     assert post["tmax"].attrs["units"] == "day"
     assert post["sigma_car_copies"].dims == ("chain", "draw")
-    assert tree["log_likelihood"]["dv"].dims == ("chain", "draw", "obs")
-    assert tree["observed_data"]["dv"].sizes["obs"] == data.n_obs
-    assert int(tree["observed_data"]["blq"].sum()) == int(data.obs_blq.sum())
+    # one variable per observable, in its own units, over its own records
+    assert tree["log_likelihood"]["car_copies"].dims == ("chain", "draw", "car_copies_obs")
+    assert tree["posterior"]["car_copies_ipred"].dims == ("chain", "draw", "car_copies_obs")
+    assert tree["observed_data"]["car_copies"].sizes["car_copies_obs"] == data.n_obs
+    units = {o.name: o.unit for o in ck.load_model("stein_2019").observables}
+    assert tree["observed_data"]["car_copies"].attrs["units"] == units["car_copies"] == "copies/µg gDNA"
+    assert int(tree["observed_data"]["car_copies_blq"].sum()) == int(data.obs_blq.sum())
     assert tree["constant_data"]["dose_cells"].dims == ("subject", "dose")
     for group in tree.children.values():
         for name, var in group.to_dataset().data_vars.items():

@@ -25,10 +25,15 @@ def test_functions_keep_their_names_after_old_imports():
 def test_trials_and_plots_packages_offer_every_name_of_the_old_modules():
     import carkin.plots
     import carkin.plots.simulation
+    import carkin.plots.trials
     import carkin.trials
     import carkin.trials.designs
+    import carkin.trials.operating
 
-    for package, module in ((carkin.plots, carkin.plots.simulation), (carkin.trials, carkin.trials.designs)):
+    pairs = ((carkin.plots, carkin.plots.simulation), (carkin.plots, carkin.plots.trials),
+             (carkin.trials, carkin.trials.designs),
+             (carkin.trials, carkin.trials.operating))
+    for package, module in pairs:
         names = vars(module)
         missing = [k for k in names if not k.startswith("__") and getattr(package, k, None) is not names[k]]
         assert not missing, (package.__name__, missing)

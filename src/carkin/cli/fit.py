@@ -94,6 +94,7 @@ def _cmd_fit(args) -> int:
 def _cmd_vpc(args) -> int:
     import carkin as ck
     from carkin.fitting.diagnostics import vpc
+    from carkin.fitting.observations import n_observations
     from carkin.plots.fit import plot_vpc
 
     folder = Path(args.fit_dir)
@@ -103,7 +104,7 @@ def _cmd_vpc(args) -> int:
     if args.n_replicates < 1:
         raise CliError(f"--n-replicates must be >= 1, got {args.n_replicates}")
     tree = ck.load_fit(path)
-    _check_size(args.n_replicates * max(1, tree["observed_data"].sizes.get("obs", 1)), 1, 1, 1, what="VPC replicates")
+    _check_size(args.n_replicates * max(1, n_observations(tree)), 1, 1, 1, what="VPC replicates")
     out = path.parent
     outputs = _outputs(args, [out / "vpc.csv", out / "vpc.png"], "VPC outputs", manifest="add")
     table = vpc(tree, n_replicates=args.n_replicates, seed=args.seed)

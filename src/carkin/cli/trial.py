@@ -56,7 +56,7 @@ def _design_from_args(args):
 def _cmd_trial_design(args) -> int:
     import json
 
-    from carkin.trials.designs import exact_operating_characteristics, simulate_trials
+    from carkin.trials.operating import exact_operating_characteristics, simulate_trials
 
     if args.p_dlt is None:
         raise CliError("give a PROTOCOL.toml, or --design with --p-dlt (DLT probability per dose, e.g. 0.05,0.1,0.2)")
@@ -101,7 +101,7 @@ def _cmd_trial(args) -> int:
     import pandas as pd
 
     import carkin as ck
-    from carkin.plots.simulation import plot_trial
+    from carkin.plots.trials import plot_trial
     from carkin.trials.protocol import read_protocol, run_protocol_trial
 
     protocol = read_protocol(args.protocol)

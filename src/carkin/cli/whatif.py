@@ -27,7 +27,8 @@ def _summary_rows(table, columns) -> tuple[list[list[str]], list[str]]:
 
 def _cmd_whatif(args) -> int:
     import carkin as ck
-    from carkin.plots.simulation import plot_dose_response, plot_endpoints, whatif_table
+    from carkin.plots.simulation import plot_endpoints
+    from carkin.plots.trials import plot_dose_response, whatif_table
     from carkin.trials.protocol import read_protocol, simulate_protocol
     from carkin.trials.whatif import summarize
 

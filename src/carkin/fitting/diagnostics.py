@@ -15,6 +15,7 @@ import xarray as xr
 
 from carkin.fitting.convergence import _ess, _rhat, population_sites
 from carkin.fitting.fit_results import posterior_draws, problem_from_tree, simulate_replicates
+from carkin.fitting.observations import FLAT_DIM, flat_values, observation_table
 from carkin.fitting.predictions import predict_grid
 from carkin.model.population import Z_SITE, eta_variable, omega_site, parameter_of_omega
 
@@ -60,11 +61,18 @@ def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
 
 
 def loo(tree: xr.DataTree):
-    """PSIS-LOO over observations (censored ones enter with their censored likelihood)."""
+    """PSIS-LOO over all observations of every observable (censored ones enter with their censored
+    likelihood); ``pareto_k`` runs over the records in data-file order."""
     import arviz_stats
 
+    ll = flat_values(tree, "log_likelihood", "dv")
+    post = tree["posterior"].to_dataset()
+    flat = xr.DataTree.from_dict({
+        "posterior": post[population_sites(tree)],
+        "log_likelihood": xr.Dataset({"all": (("chain", "draw", FLAT_DIM), ll)},
+                                     coords={"chain": post["chain"], "draw": post["draw"]})})
     with np.errstate(all="ignore"):
-        return arviz_stats.loo(tree, var_name="dv")
+        return arviz_stats.loo(flat, var_name="all")
 
 
 def _thin(draws: dict, n: int, seed: int) -> dict:
@@ -154,8 +162,7 @@ def vpc(tree: xr.DataTree, n_replicates: int = 200, seed: int = 0, max_bins: int
     """
     problem = problem_from_tree(tree)
     d = problem.design
-    obs = tree["observed_data"].to_dataset()
-    times = obs["obs_time"].values
+    times = observation_table(tree)["time"].to_numpy()  # the order of problem_from_tree's design
     y_sim = simulate_replicates(problem, posterior_draws(tree), jax.random.PRNGKey(seed), n_replicates)
     has_lloq = np.isfinite(d.lloq)
     blq_sim = has_lloq & (y_sim < np.where(has_lloq, d.lloq, 0.0))

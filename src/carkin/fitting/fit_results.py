@@ -16,6 +16,7 @@ from carkin.fitting.convergence import population_sites
 from carkin.fitting.data import StudyData
 from carkin.fitting.fit_design import FitDesign
 from carkin.fitting.fit_problem import FitProblem
+from carkin.fitting.observations import observation_table, split_observables
 from carkin.model.kinetics import Model
 from carkin.model.observation import ErrorModel
 from carkin.model.population import (
@@ -136,7 +137,7 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
         const[f"x_{col.name}"] = ("subject", problem.x[:, i], {"units": "1", "long_name": col.description})
     groups["constant_data"] = xr.Dataset(const, coords=subject)
 
-    tree = xr.DataTree.from_dict(groups)
+    tree = xr.DataTree.from_dict(groups)  # flat: all observables on one `obs` axis
     tree.attrs.update(
         model=model.name,
         model_options=json.dumps(_model_options(model)),
@@ -150,7 +151,7 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
         settings=json.dumps(settings),
         created_by="carkin " + __import__("carkin").__version__,
     )
-    return tree
+    return split_observables(tree, units={o.name: o.unit for o in model.observables})
 
 
 def _cov_unit(data: StudyData, name: str) -> str:
@@ -180,7 +181,7 @@ def load_fit(path) -> xr.DataTree:
     if "model" not in tree.attrs or missing:
         raise InputError(f"{path} is not a carkin fit (written by carkin fit / save_fit): it lacks "
                          f"{missing or ['the model attribute']}")
-    return tree
+    return split_observables(tree)  # fits saved before one-variable-per-observable load in today's layout
 
 
 # --- reuse a saved fit --------------------------------------------------------------------------
@@ -194,19 +195,19 @@ def problem_from_tree(tree: xr.DataTree) -> FitProblem:
     model = load_model(tree.attrs["model"], **json.loads(tree.attrs.get("model_options", "{}")))
     model = model.with_values(**json.loads(tree.attrs["model_values"]))
     const = tree["constant_data"].to_dataset()
-    obs = tree["observed_data"].to_dataset()
+    obs = observation_table(tree)
     observables = tuple(np.atleast_1d(tree.attrs["observables"]).astype(str))
     cov = np.stack([const[f"model_{c.name}"].values for c in model.covariates], axis=1)
     subjects = list(const["subject"].values.astype(str))
-    obs_subject = np.array([subjects.index(s) for s in obs["obs_id"].values.astype(str)], np.int32)
+    obs_subject = np.array([subjects.index(s) for s in obs["id"]], np.int32)
     times = const["design_time"].values
-    t_obs = obs["obs_time"].values
+    t_obs = obs["time"].to_numpy()
     tindex = np.array([int(np.argmin(np.abs(times[s] - t))) for s, t in zip(obs_subject, t_obs)], np.int32)
-    kind = np.array([observables.index(o) for o in obs["observable"].values.astype(str)], np.int32)
+    kind = np.array([observables.index(o) for o in obs["observable"]], np.int32)
     design = FitDesign(times=times, dose_times=const["dose_time"].values, dose_cells=const["dose_cells"].values,
                        model_covariates=cov, obs_subject=obs_subject, obs_tindex=tindex, obs_kind=kind,
-                       observables=observables, y=obs["dv"].values, blq=obs["blq"].values.astype(bool),
-                       lloq=obs["lloq"].values, ids=tuple(subjects))
+                       observables=observables, y=obs["dv"].to_numpy(), blq=obs["blq"].to_numpy(bool),
+                       lloq=obs["lloq"].to_numpy(), ids=tuple(subjects))
     pairs = json.loads(tree.attrs.get("covariate_effects", "[]"))
     columns = tuple(EffectColumn(name, param, "") for name, param in pairs)
     x = (np.stack([const[f"x_{name}"].values for name, _ in pairs], axis=1) if pairs

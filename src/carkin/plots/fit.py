@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 
 from carkin.errors import InputError
 from carkin.fitting import diagnostics
+from carkin.fitting.observations import flat_values, observable_units, observables_of, observation_table
 from carkin.model.observation import ErrorModel
 from carkin.model.population import sigma_add_site, sigma_site
 from carkin.outputs import save_figure
@@ -49,22 +50,12 @@ DECADES_BELOW_DATA = 2
 
 
 def _observables(tree: xr.DataTree) -> list[str]:
-    return [str(o) for o in np.atleast_1d(tree.attrs["observables"])]
+    return observables_of(tree)
 
 
 def _units(tree: xr.DataTree) -> dict[str, str]:
-    """Observable -> units, from the observed data's ``units`` attribute.
-
-    With one observable the attribute is the unit; with several it reads
-    ``"a: unit; b: unit"``.
-    """
-    names = _observables(tree)
-    text = str(tree["observed_data"]["dv"].attrs.get("units", ""))
-    if len(names) == 1:
-        return {names[0]: text}
-    pairs = (part.split(":", 1) for part in text.split(";") if ":" in part)
-    found = {k.strip(): v.strip() for k, v in pairs}
-    return {n: found.get(n, "") for n in names}
+    """Observable -> units of its measured values."""
+    return observable_units(tree)
 
 
 def _long_names(tree: xr.DataTree) -> dict[str, str]:
@@ -86,18 +77,11 @@ def _label(name: str, units: str) -> str:
 
 def _observations(tree: xr.DataTree) -> pd.DataFrame:
     """One row per record: id, time, observable, dv, blq, lloq, and posterior medians of PRED and IPRED."""
-    obs = tree["observed_data"].to_dataset()
-    post = tree["posterior"].to_dataset()
-    return pd.DataFrame({
-        "id": obs["obs_id"].values.astype(str),
-        "time": obs["obs_time"].values.astype(float),
-        "observable": obs["observable"].values.astype(str),
-        "dv": obs["dv"].values.astype(float),
-        "blq": obs["blq"].values.astype(bool),
-        "lloq": obs["lloq"].values.astype(float),
-        "pred": post["pred"].median(("chain", "draw")).values,
-        "ipred": post["ipred"].median(("chain", "draw")).values,
-    })
+    frame = observation_table(tree).drop(columns="row")
+    for name in ("pred", "ipred"):
+        draws = xr.DataArray(flat_values(tree, "posterior", name), dims=("chain", "draw", "obs"))
+        frame[name] = draws.median(("chain", "draw")).values  # NaN-skipping, as xarray does
+    return frame
 
 
 def _quantified(df: pd.DataFrame) -> pd.Series:

@@ -19,7 +19,8 @@ import xarray as xr
 from carkin.errors import InputError
 from carkin.strict import DOSE_PER_KG_RANGE, TIME_RANGE, UNIT_RANGES, interval_problem, range_problem, unknown_keys
 from carkin.trials.designs import DESIGNS as ESCALATION_DESIGNS
-from carkin.trials.designs import MAX_TRIALS, design_from_options
+from carkin.trials.designs import design_from_options
+from carkin.trials.operating import MAX_TRIALS
 from carkin.trials.toxicity import DLTModel, default_dlt_model
 from carkin.trials.whatif import HoldRule, Schedule
 
@@ -442,7 +443,7 @@ def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjec
     Returns (Dataset of the example trial's patients and the per-dose populations, operating
     characteristics as a JSON-ready dict).
     """
-    from carkin.trials.designs import run_trial
+    from carkin.trials.operating import run_trial
 
     n_trials = int(n_trials or protocol.design.get("n_trials", 1000))
     if n_trials < 1:
@@ -486,7 +487,7 @@ def run_protocol_trial(protocol: Protocol, n_trials: int | None = None, n_subjec
 
 def _operating(design, protocol: Protocol, pools: np.ndarray, n_trials: int, rng) -> dict:
     """Operating characteristics of one pool table (dose, subject)."""
-    from carkin.trials.designs import simulate_trials
+    from carkin.trials.operating import simulate_trials
 
     if design is None:
         return _single_arm(pools[0], int(protocol.design.get("n_patients", 20)), n_trials, rng)
