@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import carkin as ck
+from carkin.errors import InputError
 from carkin.solve import solve_subject
 
 CLOSED_FORM_RTOL = 1e-6  # acceptance: ODE vs closed form at the named days
@@ -25,7 +26,7 @@ def test_typical_values_are_table1(stein):
 
 
 def test_ode_matches_closed_form(stein):
-    ds = ck.simulate(stein, ck.single(1e6), times=[0.0] + CHECK_DAYS)
+    ds = ck.simulate(stein, ck.single(1e6), times=[0.0] + CHECK_DAYS, engine="diffrax")
     got = ds["car_copies"].values[0]
     want = np.asarray(stein.closed_form(np.array([0.0] + CHECK_DAYS), stein.typical))
     np.testing.assert_allclose(got, want, rtol=CLOSED_FORM_RTOL)
@@ -35,12 +36,37 @@ def test_ode_matches_closed_form(stein):
 
 
 def test_population_subjects_match_their_closed_form(stein):
-    ds = ck.simulate(stein, ck.single(1e6), times=[0.0] + CHECK_DAYS, n_subjects=50, seed=3)
+    ds = ck.simulate(stein, ck.single(1e6), times=[0.0] + CHECK_DAYS, n_subjects=50, seed=3, engine="diffrax")
     assert not ds["failed"].any()
     for i in range(50):
         p = {k: float(ds[k].values[i]) for k in stein.parameter_names}
         want = np.asarray(stein.closed_form(ds["time"].values, p))
         np.testing.assert_allclose(ds["car_copies"].values[i], want, rtol=CLOSED_FORM_RTOL)
+
+
+ENGINE_AGREEMENT = 1e-10  # closed form vs the ODE path solved at rtol 1e-13
+
+
+def test_simulate_uses_the_closed_form_and_it_equals_a_tight_ode_solve(stein):
+    regimens = [ck.single(1e6), ck.split(1e6), ck.custom([3.0], [1e6], label="day 3")]
+    times = np.arange(-2.0, 120.5, 0.5)  # before the infusion, through Tmax, to day 120
+    exact = ck.simulate(stein, regimens, times, n_subjects=40, seed=5)
+    ode = ck.simulate(stein, regimens, times, n_subjects=40, seed=5, engine="diffrax", rtol=1e-13, atol=1e-12)
+    assert exact.attrs["engine"] == "closed-form" and ode.attrs["engine"] == "diffrax"
+    assert int(exact["n_steps"].max()) == 0 and int(ode["n_steps"].min()) > 0
+    np.testing.assert_array_equal(exact["tmax"].values, ode["tmax"].values)  # the same virtual subjects
+    np.testing.assert_allclose(exact["car_copies"].values, ode["car_copies"].values, rtol=ENGINE_AGREEMENT, atol=0)
+    assert not exact["failed"].any()
+
+
+def test_engine_choice_is_checked(stein):
+    states = ck.simulate(stein, ck.single(1e6), [0.0, 14.0], include_states=True)
+    assert states.attrs["engine"] == "ensemble"  # the closed form has no states: the ODE solve runs
+    for engine, match in (("closed-form", "no closed form"), ("euler", "not one of")):
+        with pytest.raises(InputError, match=match):
+            ck.simulate(ck.load_model("cd7_cart"), ck.single(1e6), [0.0, 14.0], engine=engine)
+    with pytest.raises(InputError, match="observables only"):
+        ck.simulate(stein, ck.single(1e6), [0.0, 14.0], include_states=True, engine="closed-form")
 
 
 def _log_level(stein, day):

@@ -20,6 +20,8 @@ from carkin.errors import InputError, InputTypeError
 from carkin.guards import check_memory, check_seed
 from carkin.model import dosing, population
 from carkin.model.kinetics import Model
+from carkin.simulation.ensemble import DEFAULT_LANES as ENSEMBLE_LANES
+from carkin.simulation.ensemble import solve_ensemble
 from carkin.simulation.solve import check_tolerances, solve_subject
 from carkin.strict import TIME_RANGE, UNIT_RANGES
 
@@ -27,6 +29,11 @@ from carkin.strict import TIME_RANGE, UNIT_RANGES
 # a 2-core Xeon (benchmarks/README.md). Smaller populations round up to a power of
 # two so only a handful of shapes is ever compiled.
 DEFAULT_CHUNK = 256
+# A closed form costs a few operations per output time, so big chunks keep the per-call overhead small.
+CLOSED_FORM_CHUNK = 8192
+# The ensemble solver refills its lanes from the chunk's waiting subjects, so it wants chunks of many lanes' worth.
+ENSEMBLE_CHUNK = 2048
+ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 # compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
 SOLVER_CACHE_SIZE = 16
@@ -77,17 +84,48 @@ def parse_times(times) -> np.ndarray:
     return grid
 
 
+def choose_engine(model: Model, engine: str, include_states: bool) -> str:
+    """The engine that runs a simulation: the model's closed form where it has one (exact, and some
+    hundred times quicker than integrating), else the ensemble ODE solver (lanes with their own clocks
+    and refill; several times quicker than the vmapped diffrax solve, benchmarks/README.md)."""
+    if engine not in ENGINES:
+        raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "closed-form" and not model.has_closed_form:
+        raise InputError(f"model {model.name!r} has no closed form; use engine='diffrax' or 'auto'")
+    if engine == "closed-form" and include_states:
+        raise InputError("the closed form gives observables only; use engine='diffrax' with include_states=True")
+    if engine == "auto":
+        return "closed-form" if model.has_closed_form and not include_states else "ensemble"
+    return engine
+
+
 @functools.lru_cache(maxsize=SOLVER_CACHE_SIZE)
-def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
+def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, engine: str = "diffrax"):
     """Compiled solve of one chunk of subjects, split evenly over ``n_devices``.
 
     ``model`` here is a template with default values, so changing typical values
     never recompiles. With several devices the chunk is split evenly over them.
+    ``engine="closed-form"`` evaluates the model's exact solution instead of integrating
+    (no states, no solver steps).
     """
     names = model.parameter_names
     cnames = tuple(c.name for c in model.covariates)
     virtual = population.Population.of(model)
     weight = model.role("weight")
+
+    def draw(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask):
+        theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
+        return jnp.where(par_mask, par_given, theta), jnp.where(cov_mask, cov_given, cov_s)
+
+    def ensemble(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times):
+        theta, cov_v = jax.vmap(draw, in_axes=(None, 0, None, None, None, 0, None, 0, None))(
+            key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
+        cells = dose_per_kg * cov_v[:, cnames.index(weight)][:, None]
+        ys, ok, steps = solve_ensemble(model, times, dose_t, cells, theta, cov_v, rtol=rtol, atol=atol,
+                                       lanes=ENSEMBLE_LANES)
+        obs = jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(names, th)), dict(zip(cnames, cv))))(
+            ys, theta, cov_v)
+        return obs, ys, ok & jnp.all(jnp.isfinite(ys), axis=(1, 2)), steps, theta, cov_v
 
     def one(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask,
             dose_t, dose_per_kg, times):
@@ -96,6 +134,10 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
         cov_v = jnp.where(cov_mask, cov_given, cov_s)
         p = dict(zip(names, theta))
         cov = dict(zip(cnames, cov_v))
+        if engine == "closed-form":
+            obs = model.closed_form_observables(times, p, cov, dose_t, dose_per_kg * cov[weight])
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in obs.values()]))
+            return obs, jnp.zeros((times.shape[0], 0)), finite, jnp.asarray(0), theta, cov_v
         ys, ok, steps = solve_subject(model, times, dose_t, dose_per_kg * cov[weight], p, cov,
                                       rtol=rtol, atol=atol)
         obs = model.observe(ys, p, cov)
@@ -103,7 +145,7 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
         return obs, ys, ok & finite, steps, theta, cov_v
 
     in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None)
-    batched = jax.vmap(one, in_axes=in_axes)
+    batched = ensemble if engine == "ensemble" else jax.vmap(one, in_axes=in_axes)
     if n_devices == 1:
         return jax.jit(batched)
     # Each device solves its own slice of the chunk with its own solver loops (shard_map), so the
@@ -117,15 +159,15 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int):
                                  check_vma=False))
 
 
-def _layout(n: int, chunk_size: int | None) -> tuple[int, int]:
-    """(chunk, devices): at most DEFAULT_CHUNK subjects per device per call, rounded up
+def _layout(n: int, chunk_size: int | None, per_call: int = DEFAULT_CHUNK) -> tuple[int, int]:
+    """(chunk, devices): at most ``per_call`` subjects per device per call, rounded up
     to a power of two for small populations so only a few shapes are compiled."""
     n_dev = jax.local_device_count()
     if chunk_size:
         return chunk_size, n_dev if chunk_size % n_dev == 0 and chunk_size >= MIN_PER_DEVICE * n_dev else 1
     if n < MIN_PER_DEVICE * n_dev:
         n_dev = 1
-    per_device = min(DEFAULT_CHUNK, 1 << (-(-n // n_dev) - 1).bit_length())
+    per_device = min(per_call, 1 << (-(-n // n_dev) - 1).bit_length())
     return per_device * n_dev, n_dev
 
 
@@ -173,6 +215,7 @@ def simulate(
     rtol: float | None = None,
     atol: float | None = None,
     measurements: bool = False,
+    engine: str = "auto",
 ) -> xr.Dataset:
     """Simulate ``model`` under one regimen or a list of regimens.
 
@@ -187,11 +230,16 @@ def simulate(
     population can be simulated in pieces that together equal one call. ``measurements=True``
     adds simulated measurements of every observable with an assay (``<name>_measured`` with
     the model's residual error, NaN below the LLOQ, and ``<name>_blq``; see carkin.measure).
+    ``engine``: ``"auto"`` evaluates the model's closed form where it has one (stein_2019) and
+    integrates with the ensemble solver otherwise (carkin.simulation.ensemble); ``"closed-form"``,
+    ``"ensemble"`` or ``"diffrax"`` (the vmapped diffrax solve, the reference) choose (the closed
+    form gives no states). The Dataset's ``engine`` attribute says which ran.
     """
     if not isinstance(model, Model):
         raise InputTypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
     regimens, several = dosing.as_regimens(regimen_or_list)
     check_tolerances(rtol, atol)
+    engine = choose_engine(model, engine, include_states)
     grid = parse_times(times)
     variability = n_subjects is not None
     if n_subjects is not None and (isinstance(n_subjects, bool) or not float(n_subjects).is_integer()):
@@ -242,13 +290,14 @@ def simulate(
             _check_domain(prm, v)
             par_given[:, j], par_mask[j] = v, True
 
-    chunk, n_dev = _layout(n, chunk_size)
+    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ENSEMBLE_CHUNK}.get(engine, DEFAULT_CHUNK)
+    chunk, n_dev = _layout(n, chunk_size, per_call)
     n_chunks = -(-n // chunk)
     n_pad = n_chunks * chunk
     slots = max(r.n_infusions for r in regimens)
     typ, omega = population.site_arrays(model)
     ctab = population.covariate_table(model)
-    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev)
+    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev, engine)
     key = jax.random.PRNGKey(seed)
     index = int(first_subject) + np.arange(n_pad)
 
@@ -278,6 +327,7 @@ def simulate(
         results.append(jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts))
     bar.close()
     ds = _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
+    ds.attrs["engine"] = engine
     if measurements:
         from carkin.simulation.measure import measure
 
@@ -318,7 +368,7 @@ def _to_dataset(model, regimens, several, grid, results, n_subjects, seed, inclu
     failed = stack([~r[2] for r in results])
     data["failed"] = (lead, failed, {"units": "1", "long_name": "solve failed for this subject"})
     data["n_steps"] = (lead, stack([r[3] for r in results]),
-                       {"units": "1", "long_name": "accepted solver steps"})
+                       {"units": "1", "long_name": "accepted solver steps (0 for a closed form)"})
     theta, cov = results[0][4], results[0][5]
     for j, prm in enumerate(model.parameters):
         data[prm.name] = (("subject",), theta[:, j], {"units": prm.unit, "long_name": prm.description})

@@ -1,0 +1,210 @@
+"""Ensemble ODE solve: many subjects on a fixed number of lanes, each lane with its own clock.
+
+``vmap`` of an adaptive solve runs every subject of a batch in lock step until the slowest one is
+done. Here each lane carries its own time, step size, error control, event pointer and save
+pointer, and when its subject is finished it takes the next waiting subject (lane refill), so no
+lane idles while a slow subject finishes. One loop iteration advances every lane by one attempted
+step (or applies the lane's next event).
+
+The method is Dormand-Prince 5(4) with an I-controller on the RMS error norm (as diffrax's
+``PIDController`` with its default coefficients) and the pair's 4th-order continuous extension
+for the output times, so steps are never clipped to save times (at most ``SAVES_PER_STEP`` output
+times fall inside one step). Events are the model's infusions (a jump in its dose state) and its
+parameter-valued switch (Stein's Tmax): a step never crosses one, and at an event time the
+post-event value is reported, as in :mod:`carkin.simulation.solve`, which stays the reference.
+
+Everything is pure JAX: forward-mode derivatives (``jax.jvp``) pass through the solve.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from carkin.model.kinetics import Model
+
+SAVES_PER_STEP = 8  # output times one step may cover; a longer step is cut at the 9th
+SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (diffrax's defaults)
+DEFAULT_LANES = 256
+
+# Dormand & Prince (1980) 5(4) tableau; error weights are b - b_hat.
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+# Coefficients of the 4th-order continuous extension (Hairer, Norsett & Wanner, Solving ODEs I, II.6).
+_D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 / 1880347072,
+      701980252875 / 199316789632, -1453857185 / 822651844, 69997945 / 29380423)
+
+
+def _events(model: Model, dose_times, dose_cells, p, cov):
+    """One subject's events sorted by time (infusions before the switch at equal times):
+    times, dose-state increments and kinds (0 infusion, 1 switch)."""
+    dtype = dose_times.dtype
+    ev_t = dose_times
+    ev_amt = dose_cells * (model.cells_to_state(p, cov) if model.dose_index is not None else 0.0)
+    ev_kind = jnp.zeros(ev_t.shape, jnp.int32)
+    if model.has_switch:
+        ev_t = jnp.append(ev_t, jnp.min(dose_times) + jnp.asarray(model.switch_time(p), dtype))
+        ev_amt = jnp.append(ev_amt, 0.0)
+        ev_kind = jnp.append(ev_kind, 1)
+    order = jnp.lexsort((ev_kind, ev_t))
+    return ev_t[order], ev_amt[order], ev_kind[order]
+
+
+def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
+                   max_steps=None, lanes: int = DEFAULT_LANES):
+    """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
+
+    ``times`` (T,) is shared; ``dose_times`` and ``dose_cells`` are (N, D) (padding slots repeat the
+    last time with zero cells); ``theta`` (N, P) in ``model.parameter_names`` order and
+    ``cov_values`` (N, C) in ``model.covariates`` order. Returns ``(ys, ok, n_steps)`` with ``ys``
+    (N, T, n_states); ``ok`` is False where a subject exceeded its step budget (``max_steps`` per
+    segment between events, as diffrax counts) or its state stopped being finite.
+    """
+    s = model.solver
+    rtol = s.rtol if rtol is None else rtol
+    atol = s.atol if atol is None else atol
+    max_steps = s.max_steps if max_steps is None else max_steps
+    names = model.parameter_names
+    cnames = tuple(c.name for c in model.covariates)
+    dose_idx = model.dose_index
+    times = jnp.asarray(times, float)
+    n, n_times = theta.shape[0], times.shape[0]
+
+    def prepare(th, cv, d_t, d_c):
+        p, c = dict(zip(names, th)), dict(zip(cnames, cv))
+        ev_t, ev_amt, ev_kind = _events(model, d_t, d_c, p, c)
+        y0 = model.initial_state(p, c).astype(float)
+        base = model.baseline_state(p, c).astype(float)
+        return ev_t, ev_amt, ev_kind, y0, base
+
+    ev_t, ev_amt, ev_kind, y0, base = jax.vmap(prepare)(theta, cov_values, dose_times, dose_cells)
+    n_events = ev_t.shape[1]
+    t_first = ev_t[:, 0]
+    t_end = jnp.maximum(times[-1], ev_t[:, -1])
+    step_budget = max_steps * (n_events + 1)
+    pre = times[None, :] < t_first[:, None]
+    out0 = jnp.where(pre[..., None], base[:, None, :], jnp.nan)
+
+    def field(t, y, th, cv, phase):
+        return model.vector_field(t, y, dict(zip(names, th)), dict(zip(cnames, cv)), phase)
+
+    field_lanes = jax.vmap(field)
+
+    def start(subject):
+        """Lane state for a subject at its first infusion (before the infusion is applied)."""
+        i = jnp.clip(subject, 0, n - 1)
+        t0 = t_first[i]
+        return dict(subject=subject, t=t0, y=y0[i], h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
+                    j=jnp.searchsorted(times, t0, side="left").astype(subject.dtype), phase=jnp.zeros_like(subject),
+                    steps=jnp.zeros_like(subject), th=theta[i], cv=cov_values[i])
+
+    def body(carry):
+        lane, out, ok_all, steps_all, queue = carry
+        subj = lane["subject"]
+        active = subj >= 0
+        i = jnp.clip(subj, 0, n - 1)
+        t, y, h, k, j = lane["t"], lane["y"], lane["h"], lane["k"], lane["j"]
+        k_c = jnp.minimum(k, n_events - 1)
+        next_ev = jnp.where(k < n_events, ev_t[i, k_c], jnp.inf)
+        at_event = active & (k < n_events) & (t >= next_ev)
+        finished = active & (k >= n_events) & (t >= t_end[i])
+
+        # --- one Dormand-Prince step for every lane (used where the lane is neither at an event nor done)
+        t_stop = jnp.minimum(next_ev, t_end[i])
+        j_lim = jnp.minimum(j + SAVES_PER_STEP, n_times - 1)
+        t_lim = jnp.where(j + SAVES_PER_STEP < n_times, times[j_lim], jnp.inf)
+        h_eff = jnp.maximum(jnp.minimum(jnp.minimum(h, t_stop - t), t_lim - t), 0.0)
+        lands = h_eff >= t_stop - t
+        stages = []
+        for c_i, a_i in zip(_C, _A):
+            y_i = y + sum((a * h_eff[:, None]) * kk for a, kk in zip(a_i, stages)) if a_i else y
+            stages.append(field_lanes(t + c_i * h_eff, y_i, lane["th"], lane["cv"], lane["phase"]))
+        y_new = y + h_eff[:, None] * sum(b * kk for b, kk in zip(_A[6], stages[:6]) if b)
+        y_err = h_eff[:, None] * sum(e * kk for e, kk in zip(_E, stages) if e)
+        scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
+        err = jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=1))
+        finite = jnp.all(jnp.isfinite(y_new), axis=1) & jnp.isfinite(err)
+        accept = (err <= 1.0) & finite
+        factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
+        factor = jnp.clip(jnp.where(finite, factor, MIN_FACTOR), MIN_FACTOR, jnp.where(accept, MAX_FACTOR, 1.0))
+        t_new = jnp.where(lands, t_stop, t + h_eff)
+        stepping = active & ~at_event & ~finished
+        took = stepping & accept
+
+        # dense output at the output times in [t, t_new) of accepted steps
+        y_diff = y_new - y
+        b_spl = h_eff[:, None] * stages[0] - y_diff
+        r4 = y_diff - h_eff[:, None] * stages[6] - b_spl
+        r5 = h_eff[:, None] * sum(d * kk for d, kk in zip(_D, stages) if d)
+        for m in range(SAVES_PER_STEP):
+            idx = j + m
+            t_m = times[jnp.minimum(idx, n_times - 1)]
+            write = took & (idx < n_times) & (t_m < t_new)
+            th_ = jnp.where(h_eff > 0, (t_m - t) / jnp.where(h_eff > 0, h_eff, 1.0), 0.0)[:, None]
+            val = y + th_ * (y_diff + (1 - th_) * (b_spl + th_ * (r4 + (1 - th_) * r5)))
+            out = out.at[jnp.where(write, subj, n), jnp.minimum(idx, n_times - 1)].set(val, mode="drop")
+        j_new = jnp.searchsorted(times, t_new, side="left").astype(j.dtype)
+
+        # --- events: an infusion adds to the dose state; the switch applies the model's jump
+        y_ev = y
+        if dose_idx is not None:
+            y_ev = y_ev.at[:, dose_idx].add(jnp.where(ev_kind[i, k_c] == 0, ev_amt[i, k_c], 0.0))
+        if model.has_switch:
+            switched = jax.vmap(lambda yy, th, cv: model.on_switch(yy, dict(zip(names, th)), dict(zip(cnames, cv))))(
+                y_ev, lane["th"], lane["cv"])
+            y_ev = jnp.where((ev_kind[i, k_c] == 1)[:, None], switched, y_ev)
+        phase_ev = jnp.where(ev_kind[i, k_c] == 1, 1, lane["phase"])
+
+        # a step cut short by an event or the output times says nothing against the proposed h
+        h_next = jnp.where(took & (h_eff < h), jnp.maximum(h, h_eff * factor), h_eff * factor)
+        h_next = jnp.where(stepping, h_next, h)
+        steps = lane["steps"] + stepping.astype(lane["steps"].dtype)
+        too_small = h_next < 1e-14 * (1.0 + jnp.abs(t))
+        failed = stepping & (~finite | (steps > step_budget) | too_small)
+        y_next = jnp.where(at_event[:, None], y_ev, jnp.where(took[:, None], y_new, y))
+        # --- finished (or failed) lanes: last output time, results, and the next waiting subject
+        leaving = finished | failed
+        last = finished & (j < n_times)
+        out = out.at[jnp.where(last, subj, n), jnp.minimum(j, n_times - 1)].set(y_next, mode="drop")
+        ok_all = ok_all.at[jnp.where(leaving, subj, n)].set(finished, mode="drop")
+        steps_all = steps_all.at[jnp.where(leaving, subj, n)].set(steps, mode="drop")
+        rank = (jnp.cumsum(leaving) - 1).astype(subj.dtype)
+        newcomer = jnp.where(queue + rank < n, queue + rank, -1).astype(subj.dtype)
+        fresh = start(newcomer)
+        stay = {
+            "subject": subj, "t": jnp.where(took, t_new, t), "y": y_next,
+            "h": h_next,
+            "k": k + at_event.astype(k.dtype), "j": jnp.where(took, j_new, j),
+            "phase": jnp.where(at_event, phase_ev, lane["phase"]), "steps": steps, "th": lane["th"],
+            "cv": lane["cv"],
+        }
+        lane = {key: jnp.where(leaving.reshape((-1,) + (1,) * (v.ndim - 1)), fresh[key], v)
+                for key, v in stay.items()}
+        return lane, out, ok_all, steps_all, queue + jnp.sum(leaving).astype(queue.dtype)
+
+    def cond(carry):
+        return jnp.any(carry[0]["subject"] >= 0)
+
+    # Always `lanes` lanes (idle ones when there are fewer subjects): every subject then goes through the
+    # same vectorised arithmetic, so its result does not depend on the population, chunk or device count.
+    first = jnp.arange(lanes, dtype=jnp.int32)
+    lane0 = start(jnp.where(first < n, first, -1))
+    carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.asarray(min(lanes, n), jnp.int32))
+    _, out, ok, n_steps, _ = jax.lax.while_loop(cond, body, carry)
+    return out, ok, n_steps
+
+
+def solve_ensemble_numpy(model: Model, times, dose_times, dose_cells, theta, cov_values, **kw):
+    """:func:`solve_ensemble` compiled once per shape, with numpy in and out (for tests and scripts)."""
+    fn = jax.jit(lambda *a: solve_ensemble(model, *a, **kw))
+    return tuple(np.asarray(x) for x in fn(times, dose_times, dose_cells, theta, cov_values))

@@ -1,0 +1,97 @@
+"""The ensemble ODE solver (lanes with their own clocks and refill) against diffrax at tight tolerance,
+on every library model, several regimens and the protocols' dose range; its results do not depend on
+the lane count, the chunking or the device count."""
+
+import jax
+import numpy as np
+import pytest
+
+import carkin as ck
+from carkin.model import dosing
+from carkin.simulation.ensemble import solve_ensemble
+
+TIGHT = {"rtol": 1e-10, "atol": 1e-12}
+AGREEMENT = 1e-5  # relative, ensemble vs diffrax, both at TIGHT
+FLOOR = 1e-6  # below this (cells/µL, or the state's unit) a value counts as zero for relative errors
+TIMES = np.array([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 14.0, 21.0, 28.0, 42.0, 60.0, 90.0])
+ODE_MODELS = ["cd7_cart", "cd7_carnk", "cd19_cart", "stein_2019"]
+REGIMENS = [ck.single(1e5, day=0.0), ck.split(1e7), ck.custom([0.0, 14.0], [5e8, 5e8], label="1e9 two doses")]
+
+
+def _subjects(model, n, seed):
+    """A virtual population's parameters and covariates, drawn by simulate (the ODE-free closed form
+    is not asked for: only the draws are used)."""
+    ds = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=seed, engine="diffrax", progress=False)
+    theta = np.stack([ds[p].values for p in model.parameter_names], 1)
+    cov = np.stack([ds[c.name].values for c in model.covariates], 1)
+    return theta, cov, ds[model.role("weight")].values
+
+
+def _relative(got, want):
+    scale = np.maximum(np.abs(want), FLOOR)
+    return np.nanmax(np.abs(got - want) / scale)
+
+
+def _check_against_diffrax(name, n=6, lanes=8):
+    model = ck.load_model(name)
+    reference = ck.simulate(model, REGIMENS, TIMES, n_subjects=n, seed=7, engine="diffrax", include_states=True,
+                            progress=False, **TIGHT)
+    theta, cov, weight = _subjects(model, 4 * n, 7)  # the first n are the reference's subjects
+    solve = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=lanes, **TIGHT))
+    for r, regimen in enumerate(REGIMENS):
+        dose_t, per_kg = dosing.dose_table(regimen, np.ones(4 * n), 3)
+        cells = per_kg * weight[:, None]
+        want = np.stack([reference[f"state_{s.name}"].values[r] for s in model.states], -1)
+        # n subjects on 8 lanes: no refill; 4n subjects on 8 lanes: each lane takes several in turn
+        alone = [np.asarray(x) for x in solve(TIMES, dose_t[:n], cells[:n], theta[:n], cov[:n])]
+        crowd = [np.asarray(x) for x in solve(TIMES, dose_t, cells, theta, cov)]
+        for ys, ok, steps in (alone, crowd):
+            assert ok.all() and (steps > 0).all(), (name, regimen.label)
+            assert _relative(ys[:n], want) < AGREEMENT, (name, regimen.label)
+        for a, b in zip(alone, crowd):
+            np.testing.assert_array_equal(a, b[:n])  # which lane a subject runs on, and when, changes nothing
+
+
+def test_cd7_cart_agrees_with_diffrax():
+    _check_against_diffrax("cd7_cart")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m for m in ODE_MODELS if m != "cd7_cart"])
+def test_every_library_model_agrees_with_diffrax(name):
+    _check_against_diffrax(name)
+
+
+def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and_devices():
+    model = ck.load_model("cd7_cart")
+    kw = dict(times=TIMES, n_subjects=80, seed=3, progress=False)
+    whole = ck.simulate(model, ck.split(1e7), **kw)
+    assert whole.attrs["engine"] == "ensemble" and not whole["failed"].any()
+    # The solve itself is bit-identical whatever the chunking and device count (every subject goes
+    # through the same fixed-width lanes); observables computed from the states over a chunk may round
+    # the last bit differently, as the README says of the default layout.
+    pieces = ck.simulate(model, ck.split(1e7), chunk_size=16, include_states=True, **kw)  # 5 chunks, 1 device
+    states = ck.simulate(model, ck.split(1e7), include_states=True, **kw)  # 1 chunk on 2 devices
+    for s in model.states:
+        np.testing.assert_array_equal(states[f"state_{s.name}"].values, pieces[f"state_{s.name}"].values)
+    np.testing.assert_array_equal(whole["n_steps"].values, pieces["n_steps"].values)
+    for name in [o.name for o in model.observables]:
+        np.testing.assert_allclose(whole[name].values, pieces[name].values, rtol=1e-12, atol=0, err_msg=name)
+    first = ck.simulate(model, ck.split(1e7), include_states=True, **{**kw, "n_subjects": 30})
+    rest = ck.simulate(model, ck.split(1e7), first_subject=30, include_states=True, **{**kw, "n_subjects": 50})
+    np.testing.assert_array_equal(np.concatenate([first["state_B"].values, rest["state_B"].values]),
+                                  states["state_B"].values)
+    diffrax = ck.simulate(model, ck.split(1e7), engine="diffrax", **kw)
+    np.testing.assert_array_equal(whole["rho"].values, diffrax["rho"].values)  # the same virtual subjects
+    # at the model's own tolerances both engines are close to each other (and to a tight solve)
+    for name in ("car_copies", "cd7_cells", "blasts"):
+        assert _relative(whole[name].values, diffrax[name].values) < 1e-2, name
+
+
+def test_a_failed_subject_is_flagged_not_returned_as_numbers():
+    model = ck.load_model("cd7_cart")
+    theta, cov, weight = _subjects(model, 4, 1)
+    dose_t, per_kg = dosing.dose_table(ck.single(1e7), np.ones(4), 1)
+    ys, ok, _ = jax.jit(lambda *a: solve_ensemble(model, *a, max_steps=5, lanes=2))(
+        TIMES, dose_t, per_kg * weight[:, None], theta, cov)
+    assert not np.asarray(ok).any()  # five steps per segment cannot reach day 90
