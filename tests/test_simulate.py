@@ -78,11 +78,12 @@ def test_failed_solves_are_flagged_and_named(stein):
     class Starved(type(stein)):  # too few steps allowed: every solve fails
         solver = SolverSettings(rtol=1e-12, atol=1e-12, max_steps=8)
 
-    with pytest.warns(ck.SimulationWarning, match=r"3 solve\(s\) .* failed .*\(0,\), \(1,\), \(2,\)"):
-        ds = ck.simulate(Starved(), ck.single(1e6), times=[0, 10, 400], n_subjects=3, seed=0)
-    assert ds["failed"].values.tolist() == [True, True, True]
-    ok = ck.simulate(stein, ck.single(1e6), times=[0, 10, 400], n_subjects=3, seed=0)
-    assert not ok["failed"].any()
+    for engine in ("ensemble", "diffrax"):  # the ODE engines (a closed form cannot run out of steps)
+        with pytest.warns(ck.SimulationWarning, match=r"3 solve\(s\) .* failed .*\(0,\), \(1,\), \(2,\)"):
+            ds = ck.simulate(Starved(), ck.single(1e6), times=[0, 10, 400], n_subjects=3, seed=0, engine=engine)
+        assert ds["failed"].values.tolist() == [True, True, True]
+        ok = ck.simulate(stein, ck.single(1e6), times=[0, 10, 400], n_subjects=3, seed=0, engine=engine)
+        assert not ok["failed"].any()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from carkin.model.kinetics import Model
+from carkin.simulation.ensemble import LANE_MULTIPLE, solve_ensemble
 from carkin.simulation.solve import solve_subject
+
+FIT_ENGINES = ("auto", "ensemble", "diffrax")
 
 # --- predictions -------------------------------------------------------------------------------
 
@@ -28,17 +31,66 @@ def subject_observables(model: Model, names, times, dose_t, dose_c, theta, cov, 
     return f, ok & jnp.all(jnp.isfinite(f))
 
 
-def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=None):
+def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=None, engine: str = "auto"):
     """Batched :func:`subject_observables`: leading subject axis on every argument but ``names``.
 
     ``free`` (indices into the model's parameters) are the only parameters gradients are taken
-    with respect to; ODE solves are then differentiated in forward mode over them (see
-    :func:`_forward_mode_observables`). None: reverse mode through the solve."""
+    with respect to; ODE solves are then differentiated in forward mode over them. None: reverse
+    mode through the solve (diffrax's adjoint). ``engine``: with ``free`` given, ``"ensemble"``
+    solves all subjects at once with the ensemble solver (:func:`_ensemble_observables`);
+    ``"diffrax"`` and ``"auto"`` solve each subject with diffrax (:func:`_forward_mode_observables`):
+    a fit's few subjects leave the ensemble's lane refill nothing to gain, and its gradient was
+    measured no quicker (benchmarks/README.md, "Engines")."""
+    if engine not in FIT_ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {', '.join(FIT_ENGINES)}")
+    args = jax.tree.map(jnp.asarray, (times, dose_t, dose_c, theta, cov))  # custom_vjp takes JAX arrays only
+    if free is not None and not model.has_closed_form and engine == "ensemble":
+        return _ensemble_observables(model, names, tuple(int(i) for i in free))(*args)
     one = lambda *a: subject_observables(model, names, *a)  # noqa: E731
     if free is not None and not model.has_closed_form:
         one = _forward_mode_observables(model, names, tuple(int(i) for i in free))
-    args = jax.tree.map(jnp.asarray, (times, dose_t, dose_c, theta, cov))  # custom_vjp takes JAX arrays only
     return jax.vmap(one)(*args)
+
+
+def _ensemble_observables(model: Model, names, free: tuple):
+    """Every subject's observables from one ensemble solve (a lane per subject), with a custom VJP
+    computed in forward mode: one tangent per parameter in ``free``, moving that parameter of every
+    subject at once (subjects are independent, so each subject's tangent is its own derivative)."""
+    idx = np.asarray(free, int)
+    cnames = tuple(c.name for c in model.covariates)
+
+    def solve(times, dose_t, dose_c, theta, cov):
+        lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
+        ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes)
+        obs = jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(model.parameter_names, th)),
+                                                       dict(zip(cnames, cv))))(ys, theta, cov)
+        f = jnp.stack([obs[n] for n in names], axis=1)  # (S, O, T)
+        return f, (ok & jnp.all(jnp.isfinite(f), axis=(1, 2))).astype(theta.dtype)
+
+    @jax.custom_vjp
+    def observables(times, dose_t, dose_c, theta, cov):
+        return solve(times, dose_t, dose_c, theta, cov)
+
+    def forward(times, dose_t, dose_c, theta, cov):
+        def at(shift):
+            out = solve(times, dose_t, dose_c, theta.at[:, idx].add(shift), cov)
+            return out[0], out
+
+        jac, out = jax.jacfwd(at, has_aux=True)(jnp.zeros(idx.size, theta.dtype))  # (S, O, T, K)
+        return out, (jac, theta, times, dose_t, dose_c, cov)
+
+    def backward(res, ct):
+        jac, theta, times, dose_t, dose_c, cov = res
+        g = jnp.zeros_like(theta).at[:, idx].set(jnp.einsum("sot,sotk->sk", ct[0], jac))
+        return (jnp.zeros_like(times), jnp.zeros_like(dose_t), jnp.zeros_like(dose_c), g, jnp.zeros_like(cov))
+
+    observables.defvjp(forward, backward)
+
+    def run(times, dose_t, dose_c, theta, cov):
+        f, ok = observables(times, dose_t, dose_c, theta, cov)
+        return f, ok > 0.5
+
+    return run
 
 
 def _forward_mode_observables(model: Model, names, free: tuple):

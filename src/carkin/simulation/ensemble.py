@@ -24,9 +24,12 @@ import numpy as np
 
 from carkin.model.kinetics import Model
 
-SAVES_PER_STEP = 8  # output times one step may cover; a longer step is cut at the 9th
+# output times one step may cover (a longer step is cut at the next): on cd7_cart's daily grid 4 cost no
+# extra steps and write less per iteration than 8
+SAVES_PER_STEP = 4
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (diffrax's defaults)
 DEFAULT_LANES = 256
+LANE_MULTIPLE = 8  # lane counts in multiples of the vector width keep every lane on the same code path
 
 # Dormand & Prince (1980) 5(4) tableau; error weights are b - b_hat.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -64,11 +67,13 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
                    max_steps=None, lanes: int = DEFAULT_LANES):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
-    ``times`` (T,) is shared; ``dose_times`` and ``dose_cells`` are (N, D) (padding slots repeat the
-    last time with zero cells); ``theta`` (N, P) in ``model.parameter_names`` order and
-    ``cov_values`` (N, C) in ``model.covariates`` order. Returns ``(ys, ok, n_steps)`` with ``ys``
-    (N, T, n_states); ``ok`` is False where a subject exceeded its step budget (``max_steps`` per
-    segment between events, as diffrax counts) or its state stopped being finite.
+    ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
+    repeated time gets the same value, as a padded fit design has). ``dose_times`` and
+    ``dose_cells`` are (N, D) (padding slots repeat the last time with zero cells); ``theta`` is
+    (N, P) in ``model.parameter_names`` order and ``cov_values`` (N, C) in ``model.covariates``
+    order. Returns ``(ys, ok, n_steps)`` with ``ys`` (N, T, n_states); ``ok`` is False where a
+    subject exceeded its step budget (``max_steps`` per segment between events, as diffrax
+    counts) or its state stopped being finite.
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -77,8 +82,9 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     names = model.parameter_names
     cnames = tuple(c.name for c in model.covariates)
     dose_idx = model.dose_index
-    times = jnp.asarray(times, float)
-    n, n_times = theta.shape[0], times.shape[0]
+    n = theta.shape[0]
+    times = jnp.broadcast_to(jnp.asarray(times, float), (n, jnp.shape(times)[-1]))
+    n_times = times.shape[1]
 
     def prepare(th, cv, d_t, d_c):
         p, c = dict(zip(names, th)), dict(zip(cnames, cv))
@@ -90,9 +96,9 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     ev_t, ev_amt, ev_kind, y0, base = jax.vmap(prepare)(theta, cov_values, dose_times, dose_cells)
     n_events = ev_t.shape[1]
     t_first = ev_t[:, 0]
-    t_end = jnp.maximum(times[-1], ev_t[:, -1])
+    t_end = jnp.maximum(times[:, -1], ev_t[:, -1])
     step_budget = max_steps * (n_events + 1)
-    pre = times[None, :] < t_first[:, None]
+    pre = times < t_first[:, None]
     out0 = jnp.where(pre[..., None], base[:, None, :], jnp.nan)
 
     def field(t, y, th, cv, phase):
@@ -105,7 +111,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         i = jnp.clip(subject, 0, n - 1)
         t0 = t_first[i]
         return dict(subject=subject, t=t0, y=y0[i], h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
-                    j=jnp.searchsorted(times, t0, side="left").astype(subject.dtype), phase=jnp.zeros_like(subject),
+                    j=jnp.sum(times[i] < t0[:, None], axis=1).astype(subject.dtype), phase=jnp.zeros_like(subject),
                     steps=jnp.zeros_like(subject), th=theta[i], cv=cov_values[i])
 
     def body(carry):
@@ -122,7 +128,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         # --- one Dormand-Prince step for every lane (used where the lane is neither at an event nor done)
         t_stop = jnp.minimum(next_ev, t_end[i])
         j_lim = jnp.minimum(j + SAVES_PER_STEP, n_times - 1)
-        t_lim = jnp.where(j + SAVES_PER_STEP < n_times, times[j_lim], jnp.inf)
+        t_lim = jnp.where(j + SAVES_PER_STEP < n_times, times[i, j_lim], jnp.inf)
         h_eff = jnp.maximum(jnp.minimum(jnp.minimum(h, t_stop - t), t_lim - t), 0.0)
         lands = h_eff >= t_stop - t
         stages = []
@@ -132,7 +138,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         y_new = y + h_eff[:, None] * sum(b * kk for b, kk in zip(_A[6], stages[:6]) if b)
         y_err = h_eff[:, None] * sum(e * kk for e, kk in zip(_E, stages) if e)
         scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
-        err = jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=1))
+        # Step sizes are not differentiated: a derivative is that of the solution on the steps taken.
+        err = jax.lax.stop_gradient(jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=1)))
         finite = jnp.all(jnp.isfinite(y_new), axis=1) & jnp.isfinite(err)
         accept = (err <= 1.0) & finite
         factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
@@ -146,14 +153,18 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         b_spl = h_eff[:, None] * stages[0] - y_diff
         r4 = y_diff - h_eff[:, None] * stages[6] - b_spl
         r5 = h_eff[:, None] * sum(d * kk for d, kk in zip(_D, stages) if d)
-        for m in range(SAVES_PER_STEP):
-            idx = j + m
-            t_m = times[jnp.minimum(idx, n_times - 1)]
-            write = took & (idx < n_times) & (t_m < t_new)
-            th_ = jnp.where(h_eff > 0, (t_m - t) / jnp.where(h_eff > 0, h_eff, 1.0), 0.0)[:, None]
-            val = y + th_ * (y_diff + (1 - th_) * (b_spl + th_ * (r4 + (1 - th_) * r5)))
-            out = out.at[jnp.where(write, subj, n), jnp.minimum(idx, n_times - 1)].set(val, mode="drop")
-        j_new = jnp.searchsorted(times, t_new, side="left").astype(j.dtype)
+        # (one scatter per iteration: a finished lane writes its state at the output times left at its end)
+        idx = j[:, None] + jnp.arange(SAVES_PER_STEP, dtype=j.dtype)[None, :]  # (lanes, SAVES_PER_STEP)
+        col = jnp.minimum(idx, n_times - 1)
+        t_m = times[i[:, None], col]
+        write_step = (took[:, None] & (idx < n_times) & (t_m < t_new[:, None]))
+        write_end = finished[:, None] & (idx < n_times)
+        th_ = ((t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None])[..., None]
+        val = y[:, None] + th_ * (y_diff[:, None] + (1 - th_) * (b_spl[:, None] + th_ * (r4[:, None]
+                                                                                        + (1 - th_) * r5[:, None])))
+        val = jnp.where(write_end[..., None], y[:, None], val)
+        out = out.at[jnp.where(write_step | write_end, subj[:, None], n), col].set(val, mode="drop")
+        written = jnp.sum(write_step, axis=1).astype(j.dtype)
 
         # --- events: an infusion adds to the dose state; the switch applies the model's jump
         y_ev = y
@@ -167,29 +178,31 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
         # a step cut short by an event or the output times says nothing against the proposed h
         h_next = jnp.where(took & (h_eff < h), jnp.maximum(h, h_eff * factor), h_eff * factor)
-        h_next = jnp.where(stepping, h_next, h)
+        h_next = jax.lax.stop_gradient(jnp.where(stepping, h_next, h))
         steps = lane["steps"] + stepping.astype(lane["steps"].dtype)
         too_small = h_next < 1e-14 * (1.0 + jnp.abs(t))
         failed = stepping & (~finite | (steps > step_budget) | too_small)
         y_next = jnp.where(at_event[:, None], y_ev, jnp.where(took[:, None], y_new, y))
-        # --- finished (or failed) lanes: last output time, results, and the next waiting subject
-        leaving = finished | failed
-        last = finished & (j < n_times)
-        out = out.at[jnp.where(last, subj, n), jnp.minimum(j, n_times - 1)].set(y_next, mode="drop")
+        # --- finished lanes have written their output times at the end time (a few per iteration: a padded
+        # grid repeats its last time); they leave with failed ones, and the next waiting subject takes the lane
+        leaving = (finished & (j + SAVES_PER_STEP >= n_times)) | failed
         ok_all = ok_all.at[jnp.where(leaving, subj, n)].set(finished, mode="drop")
         steps_all = steps_all.at[jnp.where(leaving, subj, n)].set(steps, mode="drop")
-        rank = (jnp.cumsum(leaving) - 1).astype(subj.dtype)
-        newcomer = jnp.where(queue + rank < n, queue + rank, -1).astype(subj.dtype)
-        fresh = start(newcomer)
         stay = {
             "subject": subj, "t": jnp.where(took, t_new, t), "y": y_next,
             "h": h_next,
-            "k": k + at_event.astype(k.dtype), "j": jnp.where(took, j_new, j),
+            "k": k + at_event.astype(k.dtype), "j": j + written + jnp.where(finished, SAVES_PER_STEP, 0),
             "phase": jnp.where(at_event, phase_ev, lane["phase"]), "steps": steps, "th": lane["th"],
             "cv": lane["cv"],
         }
-        lane = {key: jnp.where(leaving.reshape((-1,) + (1,) * (v.ndim - 1)), fresh[key], v)
-                for key, v in stay.items()}
+
+        def refill(current):
+            rank = (jnp.cumsum(leaving) - 1).astype(subj.dtype)
+            fresh = start(jnp.where(queue + rank < n, queue + rank, -1).astype(subj.dtype))
+            return {key: jnp.where(leaving.reshape((-1,) + (1,) * (v.ndim - 1)), fresh[key], v)
+                    for key, v in current.items()}
+
+        lane = jax.lax.cond(jnp.any(leaving), refill, lambda current: current, stay)  # most iterations: none left
         return lane, out, ok_all, steps_all, queue + jnp.sum(leaving).astype(queue.dtype)
 
     def cond(carry):
