@@ -64,7 +64,7 @@ def _events(model: Model, dose_times, dose_cells, p, cov):
 
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
-                   max_steps=None, lanes: int = DEFAULT_LANES):
+                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
     ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
@@ -73,7 +73,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     (N, P) in ``model.parameter_names`` order and ``cov_values`` (N, C) in ``model.covariates``
     order. Returns ``(ys, ok, n_steps)`` with ``ys`` (N, T, n_states); ``ok`` is False where a
     subject exceeded its step budget (``max_steps`` per segment between events, as diffrax
-    counts) or its state stopped being finite.
+    counts) or its state stopped being finite. ``n_active`` (may be traced): only the first
+    ``n_active`` subjects are solved (the rest are padding, returned unsolved with ``ok`` False).
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -104,15 +105,17 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     def field(t, y, th, cv, phase):
         return model.vector_field(t, y, dict(zip(names, th)), dict(zip(cnames, cv)), phase)
 
-    field_lanes = jax.vmap(field)
+    # Lane arrays are (quantity, lane): each state, parameter or covariate is one contiguous row across
+    # the lanes, so the vector field runs on whole rows (measured quicker than lanes-first rows).
+    field_lanes = jax.vmap(field, in_axes=(0, 1, 1, 1, 0), out_axes=1)
 
     def start(subject):
         """Lane state for a subject at its first infusion (before the infusion is applied)."""
         i = jnp.clip(subject, 0, n - 1)
         t0 = t_first[i]
-        return dict(subject=subject, t=t0, y=y0[i], h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
+        return dict(subject=subject, t=t0, y=y0[i].T, h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
                     j=jnp.sum(times[i] < t0[:, None], axis=1).astype(subject.dtype), phase=jnp.zeros_like(subject),
-                    steps=jnp.zeros_like(subject), th=theta[i], cv=cov_values[i])
+                    steps=jnp.zeros_like(subject), th=theta[i].T, cv=cov_values[i].T)
 
     def body(carry):
         lane, out, ok_all, steps_all, queue = carry
@@ -133,14 +136,14 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         lands = h_eff >= t_stop - t
         stages = []
         for c_i, a_i in zip(_C, _A):
-            y_i = y + sum((a * h_eff[:, None]) * kk for a, kk in zip(a_i, stages)) if a_i else y
+            y_i = y + sum((a * h_eff) * kk for a, kk in zip(a_i, stages)) if a_i else y
             stages.append(field_lanes(t + c_i * h_eff, y_i, lane["th"], lane["cv"], lane["phase"]))
-        y_new = y + h_eff[:, None] * sum(b * kk for b, kk in zip(_A[6], stages[:6]) if b)
-        y_err = h_eff[:, None] * sum(e * kk for e, kk in zip(_E, stages) if e)
+        y_new = y + h_eff * sum(b * kk for b, kk in zip(_A[6], stages[:6]) if b)
+        y_err = h_eff * sum(e * kk for e, kk in zip(_E, stages) if e)
         scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
         # Step sizes are not differentiated: a derivative is that of the solution on the steps taken.
-        err = jax.lax.stop_gradient(jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=1)))
-        finite = jnp.all(jnp.isfinite(y_new), axis=1) & jnp.isfinite(err)
+        err = jax.lax.stop_gradient(jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=0)))
+        finite = jnp.all(jnp.isfinite(y_new), axis=0) & jnp.isfinite(err)
         accept = (err <= 1.0) & finite
         factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
         factor = jnp.clip(jnp.where(finite, factor, MIN_FACTOR), MIN_FACTOR, jnp.where(accept, MAX_FACTOR, 1.0))
@@ -150,30 +153,31 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
         # dense output at the output times in [t, t_new) of accepted steps
         y_diff = y_new - y
-        b_spl = h_eff[:, None] * stages[0] - y_diff
-        r4 = y_diff - h_eff[:, None] * stages[6] - b_spl
-        r5 = h_eff[:, None] * sum(d * kk for d, kk in zip(_D, stages) if d)
+        b_spl = h_eff * stages[0] - y_diff
+        r4 = y_diff - h_eff * stages[6] - b_spl
+        r5 = h_eff * sum(d * kk for d, kk in zip(_D, stages) if d)
         # (one scatter per iteration: a finished lane writes its state at the output times left at its end)
         idx = j[:, None] + jnp.arange(SAVES_PER_STEP, dtype=j.dtype)[None, :]  # (lanes, SAVES_PER_STEP)
         col = jnp.minimum(idx, n_times - 1)
         t_m = times[i[:, None], col]
         write_step = (took[:, None] & (idx < n_times) & (t_m < t_new[:, None]))
         write_end = finished[:, None] & (idx < n_times)
-        th_ = ((t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None])[..., None]
-        val = y[:, None] + th_ * (y_diff[:, None] + (1 - th_) * (b_spl[:, None] + th_ * (r4[:, None]
-                                                                                        + (1 - th_) * r5[:, None])))
-        val = jnp.where(write_end[..., None], y[:, None], val)
-        out = out.at[jnp.where(write_step | write_end, subj[:, None], n), col].set(val, mode="drop")
+        th_ = (t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None]  # (lanes, SAVES_PER_STEP)
+        y3, d3, b3, r43, r53 = (a[:, :, None] for a in (y, y_diff, b_spl, r4, r5))  # (state, lane, 1)
+        val = y3 + th_ * (d3 + (1 - th_) * (b3 + th_ * (r43 + (1 - th_) * r53)))  # (state, lane, save)
+        val = jnp.where(write_end, y3, val)
+        out = out.at[jnp.where(write_step | write_end, subj[:, None], n), col].set(jnp.moveaxis(val, 0, -1),
+                                                                                   mode="drop")
         written = jnp.sum(write_step, axis=1).astype(j.dtype)
 
         # --- events: an infusion adds to the dose state; the switch applies the model's jump
         y_ev = y
         if dose_idx is not None:
-            y_ev = y_ev.at[:, dose_idx].add(jnp.where(ev_kind[i, k_c] == 0, ev_amt[i, k_c], 0.0))
+            y_ev = y_ev.at[dose_idx].add(jnp.where(ev_kind[i, k_c] == 0, ev_amt[i, k_c], 0.0))
         if model.has_switch:
-            switched = jax.vmap(lambda yy, th, cv: model.on_switch(yy, dict(zip(names, th)), dict(zip(cnames, cv))))(
-                y_ev, lane["th"], lane["cv"])
-            y_ev = jnp.where((ev_kind[i, k_c] == 1)[:, None], switched, y_ev)
+            switched = jax.vmap(lambda yy, th, cv: model.on_switch(yy, dict(zip(names, th)), dict(zip(cnames, cv))),
+                                in_axes=1, out_axes=1)(y_ev, lane["th"], lane["cv"])
+            y_ev = jnp.where(ev_kind[i, k_c] == 1, switched, y_ev)
         phase_ev = jnp.where(ev_kind[i, k_c] == 1, 1, lane["phase"])
 
         # a step cut short by an event or the output times says nothing against the proposed h
@@ -182,7 +186,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         steps = lane["steps"] + stepping.astype(lane["steps"].dtype)
         too_small = h_next < 1e-14 * (1.0 + jnp.abs(t))
         failed = stepping & (~finite | (steps > step_budget) | too_small)
-        y_next = jnp.where(at_event[:, None], y_ev, jnp.where(took[:, None], y_new, y))
+        y_next = jnp.where(at_event, y_ev, jnp.where(took, y_new, y))
         # --- finished lanes have written their output times at the end time (a few per iteration: a padded
         # grid repeats its last time); they leave with failed ones, and the next waiting subject takes the lane
         leaving = (finished & (j + SAVES_PER_STEP >= n_times)) | failed
@@ -198,9 +202,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
         def refill(current):
             rank = (jnp.cumsum(leaving) - 1).astype(subj.dtype)
-            fresh = start(jnp.where(queue + rank < n, queue + rank, -1).astype(subj.dtype))
-            return {key: jnp.where(leaving.reshape((-1,) + (1,) * (v.ndim - 1)), fresh[key], v)
-                    for key, v in current.items()}
+            fresh = start(jnp.where(queue + rank < limit, queue + rank, -1).astype(subj.dtype))
+            return {key: jnp.where(leaving, fresh[key], v) for key, v in current.items()}  # lanes are the last axis
 
         lane = jax.lax.cond(jnp.any(leaving), refill, lambda current: current, stay)  # most iterations: none left
         return lane, out, ok_all, steps_all, queue + jnp.sum(leaving).astype(queue.dtype)
@@ -210,9 +213,10 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
     # Always `lanes` lanes (idle ones when there are fewer subjects): every subject then goes through the
     # same vectorised arithmetic, so its result does not depend on the population, chunk or device count.
+    limit = jnp.asarray(n if n_active is None else jnp.minimum(n_active, n), jnp.int32)
     first = jnp.arange(lanes, dtype=jnp.int32)
-    lane0 = start(jnp.where(first < n, first, -1))
-    carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.asarray(min(lanes, n), jnp.int32))
+    lane0 = start(jnp.where(first < limit, first, -1))
+    carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.minimum(lanes, limit))
     _, out, ok, n_steps, _ = jax.lax.while_loop(cond, body, carry)
     return out, ok, n_steps
 

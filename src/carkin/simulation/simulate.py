@@ -30,9 +30,10 @@ from carkin.strict import TIME_RANGE, UNIT_RANGES
 # two so only a handful of shapes is ever compiled.
 DEFAULT_CHUNK = 256
 # A closed form costs a few operations per output time, so big chunks keep the per-call overhead small.
-CLOSED_FORM_CHUNK = 8192
+CLOSED_FORM_CHUNK = 32768
+BALANCED_ROUNDING = 1024
 # The ensemble solver refills its lanes from the chunk's waiting subjects, so it wants chunks of many lanes' worth.
-ENSEMBLE_CHUNK = 2048
+ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a large chunk costs nothing
 ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 # compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
@@ -100,7 +101,8 @@ def choose_engine(model: Model, engine: str, include_states: bool) -> str:
 
 
 @functools.lru_cache(maxsize=SOLVER_CACHE_SIZE)
-def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, engine: str = "diffrax"):
+def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, engine: str = "diffrax",
+                  states: bool = True):
     """Compiled solve of one chunk of subjects, split evenly over ``n_devices``.
 
     ``model`` here is a template with default values, so changing typical values
@@ -117,18 +119,21 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
         return jnp.where(par_mask, par_given, theta), jnp.where(cov_mask, cov_given, cov_s)
 
-    def ensemble(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times):
+    def ensemble(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times,
+                 end):
         theta, cov_v = jax.vmap(draw, in_axes=(None, 0, None, None, None, 0, None, 0, None))(
             key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
         cells = dose_per_kg * cov_v[:, cnames.index(weight)][:, None]
+        # subjects with index >= end pad the last chunk: they come last on each device and are skipped
         ys, ok, steps = solve_ensemble(model, times, dose_t, cells, theta, cov_v, rtol=rtol, atol=atol,
-                                       lanes=ENSEMBLE_LANES)
+                                       lanes=ENSEMBLE_LANES, n_active=jnp.sum(index < end))
         obs = jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(names, th)), dict(zip(cnames, cv))))(
             ys, theta, cov_v)
-        return obs, ys, ok & jnp.all(jnp.isfinite(ys), axis=(1, 2)), steps, theta, cov_v
+        ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
+        return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
 
     def one(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask,
-            dose_t, dose_per_kg, times):
+            dose_t, dose_per_kg, times, end=None):
         theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
         theta = jnp.where(par_mask, par_given, theta)
         cov_v = jnp.where(cov_mask, cov_given, cov_s)
@@ -142,9 +147,9 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
                                       rtol=rtol, atol=atol)
         obs = model.observe(ys, p, cov)
         finite = jnp.all(jnp.isfinite(ys))
-        return obs, ys, ok & finite, steps, theta, cov_v
+        return obs, ys if states else ys[:, :0], ok & finite, steps, theta, cov_v
 
-    in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None)
+    in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None, None)
     batched = ensemble if engine == "ensemble" else jax.vmap(one, in_axes=in_axes)
     if n_devices == 1:
         return jax.jit(batched)
@@ -159,16 +164,29 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
                                  check_vma=False))
 
 
-def _layout(n: int, chunk_size: int | None, per_call: int = DEFAULT_CHUNK) -> tuple[int, int]:
+def _layout(n: int, chunk_size: int | None, per_call: int = DEFAULT_CHUNK, balanced: bool = False) -> tuple[int, int]:
     """(chunk, devices): at most ``per_call`` subjects per device per call, rounded up
-    to a power of two for small populations so only a few shapes are compiled."""
+    to a power of two for small populations so only a few shapes are compiled. ``balanced``
+    (for a closed form, quick to compile): the calls share the population evenly instead, rounded
+    up to BALANCED_ROUNDING subjects per device, so little is computed for padding."""
     n_dev = jax.local_device_count()
     if chunk_size:
         return chunk_size, n_dev if chunk_size % n_dev == 0 and chunk_size >= MIN_PER_DEVICE * n_dev else 1
     if n < MIN_PER_DEVICE * n_dev:
         n_dev = 1
     per_device = min(per_call, 1 << (-(-n // n_dev) - 1).bit_length())
+    if balanced and per_device == per_call:
+        calls = -(-n // (per_call * n_dev))
+        per_device = min(per_call, -(-n // (calls * n_dev * BALANCED_ROUNDING)) * BALANCED_ROUNDING)
     return per_device * n_dev, n_dev
+
+
+def _dealt(chunk: int, n_devices: int) -> np.ndarray:
+    """For each position of a chunk, the subject (offset in the chunk) placed there so that device d
+    (positions d*per..(d+1)*per-1) holds subjects d, d + n_devices, d + 2 n_devices, ..."""
+    per = chunk // n_devices
+    position = np.arange(chunk)
+    return (position % per) * n_devices + position // per
 
 
 def _fetch(out):
@@ -291,15 +309,16 @@ def simulate(
             par_given[:, j], par_mask[j] = v, True
 
     per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ENSEMBLE_CHUNK}.get(engine, DEFAULT_CHUNK)
-    chunk, n_dev = _layout(n, chunk_size, per_call)
+    chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine == "closed-form")
     n_chunks = -(-n // chunk)
     n_pad = n_chunks * chunk
     slots = max(r.n_infusions for r in regimens)
     typ, omega = population.site_arrays(model)
     ctab = population.covariate_table(model)
-    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev, engine)
+    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev, engine, include_states)
     key = jax.random.PRNGKey(seed)
     index = int(first_subject) + np.arange(n_pad)
+    end = int(first_subject) + n  # subjects from here on only pad the last chunk
 
     def pad(a):
         return np.concatenate([a, np.repeat(a[-1:], n_pad - n, axis=0)]) if n_pad > n else a
@@ -308,21 +327,30 @@ def simulate(
     show = progress if progress is not None else n * len(regimens) >= PROGRESS_MIN_SUBJECTS
     bar = _progress(n_chunks * len(regimens), show, model.name)
 
+    # The ensemble skips the padding subjects of a last, partial chunk: deal the chunk's subjects out to
+    # the devices in turn so each gets its share of the real ones (first on each device, as it needs).
+    dealt = engine == "ensemble" and n_dev > 1
+    perm = _dealt(chunk, n_dev) if dealt else np.arange(chunk)
+    restore = np.argsort(perm)
+
+    def in_order(out):
+        return jax.tree.map(lambda x: x[restore], _fetch(out)) if dealt else _fetch(out)
+
     results = []
     for reg in regimens:
         dose_t, per_kg = dosing.dose_table(reg, np.ones(n_pad), slots)
         parts, pending = [], []
         for i in range(n_chunks):
-            sl = slice(i * chunk, (i + 1) * chunk)
+            sl = i * chunk + perm if dealt else slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
             pending.append(solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
-                                  par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid))
+                                  par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid, end))
             if len(pending) > IN_FLIGHT:
-                parts.append(_fetch(pending.pop(0)))
+                parts.append(in_order(pending.pop(0)))
                 bar.update(1)
         for out in pending:
-            parts.append(_fetch(out))
+            parts.append(in_order(out))
             bar.update(1)
         results.append(jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts))
     bar.close()
