@@ -83,6 +83,20 @@ def test_simulate_without_out_only_prints(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_simulate_engine_choice_gives_the_same_profile(tmp_path, capsys):
+    """--engine diffrax (the reference) and the default (stein_2019's closed form) agree."""
+    paths = {}
+    for engine in ("auto", "diffrax"):
+        paths[engine] = tmp_path / f"{engine}.nc"
+        code, _, _ = run(capsys, "simulate", "--model", "stein_2019", "--dose", "1e6", "--times", "0:42:1",
+                         "--engine", engine, "--out", str(paths[engine]))
+        assert code == 0
+    with (xr.open_dataset(paths["auto"], engine="h5netcdf") as a,
+          xr.open_dataset(paths["diffrax"], engine="h5netcdf") as b):
+        assert a.attrs["engine"] == "closed-form" and b.attrs["engine"] == "diffrax"
+        np.testing.assert_allclose(a["car_copies"].values, b["car_copies"].values, rtol=1e-6)
+
+
 @pytest.fixture
 def long_csv(tmp_path):
     # Subject A: 0, 10, 20, 5, 1 at days 0, 1, 2, 4, 28; subject B is A doubled.
@@ -138,6 +152,8 @@ def test_nca_log_down_and_lloq(long_csv, capsys, tmp_path):
     (["simulate", "--model", "stein_2019", "--dose", "1e6", "--out", "x.csv"], ".nc"),
     (["simulate", "--model", "stein_2019", "--dose", "1e6", "--typical", "--n-subjects", "5"], "not allowed"),
     (["simulate", "--dose", "1e6"], "--model"),
+    (["simulate", "--model", "cd7_cart", "--dose", "1e6", "--engine", "closed-form"], "no closed form"),
+    (["simulate", "--model", "cd7_cart", "--dose", "1e6", "--engine", "rk4"], "invalid choice"),
     (["nca", "/no/such/file.csv"], "no such file"),
     (["frobnicate"], "invalid choice"),
 ])

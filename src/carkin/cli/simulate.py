@@ -92,7 +92,7 @@ def _cmd_simulate(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ck.SimulationWarning)
         ds = ck.simulate(model, regimens, times=times, n_subjects=args.n_subjects, weight_kg=args.weight,
-                         seed=args.seed)
+                         seed=args.seed, engine=args.engine)
     _print_warnings(caught)
     elapsed = time.perf_counter() - t0
     ds.attrs["history"] = "carkin simulate " + " ".join(args.argv)
@@ -156,6 +156,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--product-type", metavar="TYPE",
                    help="product type, for models that have one (cd7_cart: naturally_selected, knockout, pebl, "
                         "unedited)")
+    p.add_argument("--engine", choices=("auto", "closed-form", "ensemble", "diffrax"), default="auto",
+                   help="how the model is solved: its closed form where it has one, else the ensemble ODE solver "
+                        "(auto, the default); or the vmapped diffrax solve (the reference)")
     p.add_argument("--out", metavar="FILE.nc",
                    help="write FILE.nc, FILE_nca.csv and FILE.png (parent folders are created); "
                         "without it only the summary is printed")

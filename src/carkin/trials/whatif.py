@@ -106,7 +106,7 @@ def posterior_population(tree, model: Model, n_draws: int, n_per_draw: int, seed
     return out
 
 
-def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed):
+def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed, engine="auto"):
     """Trajectories (dose, subject, time) of every observable under one schedule, holds applied,
     and the number of fractions each subject received."""
     full = len(schedule.fractions)
@@ -115,7 +115,7 @@ def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed
     for k in options:
         regs = [schedule.regimen(d, k) for d in doses]
         runs[k] = simulate(model, regs, times=grid, n_subjects=n, covariates=covariates, params=params, seed=seed,
-                           progress=False)
+                           progress=False, engine=engine)
     given = np.full((len(doses), n), full)
     if schedule.hold is not None:
         obs = schedule.hold.observable or model.role("exposure")
@@ -135,7 +135,8 @@ def _simulate_schedule(model, schedule, doses, grid, n, covariates, params, seed
 
 def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 200, posterior=None,
            n_draws: int = 20, covariates: dict | None = None, times="0:90:1", seed: int = 0,
-           dlt_model: DLTModel | None = None, visit_days=(), marrow_days=(), calibration: bool = False) -> xr.Dataset:
+           dlt_model: DLTModel | None = None, visit_days=(), marrow_days=(), calibration: bool = False,
+           engine: str = "auto") -> xr.Dataset:
     """Simulate every dose level under every schedule for one virtual population.
 
     ``doses``: total doses in cells/kg. ``schedules``: Schedule objects (default single vs
@@ -148,7 +149,8 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
     baseline, tumour reduction and MRD negativity on day 28, the DLT probability, the
     fractions and dose received; with ``visit_days`` the CAR level and normal-cell count
     at those blood-sampling days, with ``marrow_days`` the marrow blasts at those days.
-    Summaries come from :func:`summarize`.
+    Summaries come from :func:`summarize`. ``engine``: how the model is solved (see
+    :func:`carkin.simulation.simulate.simulate`).
     """
     doses = [float(d) for d in np.atleast_1d(doses)]
     if not doses or any(not (math.isfinite(d) and d > 0) for d in doses) or len(set(doses)) != len(doses):
@@ -178,7 +180,7 @@ def whatif(model: Model, doses, schedules=(SINGLE, SPLIT), *, n_subjects: int = 
         params = population_over_draws(model, chosen, n, seed)
         links = [d.dlt for d in chosen]
         n = len(chosen) * n
-    sims = [_simulate_schedule(model, s, doses, grid, n, covariates, params, seed) for s in schedules]
+    sims = [_simulate_schedule(model, s, doses, grid, n, covariates, params, seed, engine) for s in schedules]
     template = sims[0][3]
     ds = _endpoints(model, schedules, doses, grid, sims, template, dlt_model)
     ds = ds.merge(_visit_values(model, grid, sims, visit_days, marrow_days))
