@@ -36,15 +36,15 @@ def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=No
 
     ``free`` (indices into the model's parameters) are the only parameters gradients are taken
     with respect to; ODE solves are then differentiated in forward mode over them. None: reverse
-    mode through the solve (diffrax's adjoint). ``engine``: with ``free`` given, ``"ensemble"``
-    solves all subjects at once with the ensemble solver (:func:`_ensemble_observables`);
-    ``"diffrax"`` and ``"auto"`` solve each subject with diffrax (:func:`_forward_mode_observables`):
-    a fit's few subjects leave the ensemble's lane refill nothing to gain, and its gradient was
-    measured no quicker (benchmarks/README.md, "Engines")."""
+    mode through the solve (diffrax's adjoint). ``engine``: with ``free`` given, ``"auto"`` and
+    ``"ensemble"`` solve all subjects at once with the ensemble solver (:func:`_ensemble_observables`;
+    the cd7_cart log density's value with gradient measured 1.5x quicker than with diffrax,
+    benchmarks/README.md), ``"diffrax"`` solves each subject with diffrax
+    (:func:`_forward_mode_observables`). Reverse mode (``free`` None) always uses diffrax."""
     if engine not in FIT_ENGINES:
         raise ValueError(f"engine={engine!r} is not one of {', '.join(FIT_ENGINES)}")
     args = jax.tree.map(jnp.asarray, (times, dose_t, dose_c, theta, cov))  # custom_vjp takes JAX arrays only
-    if free is not None and not model.has_closed_form and engine == "ensemble":
+    if free is not None and not model.has_closed_form and engine != "diffrax":
         return _ensemble_observables(model, names, tuple(int(i) for i in free))(*args)
     one = lambda *a: subject_observables(model, names, *a)  # noqa: E731
     if free is not None and not model.has_closed_form:
@@ -67,30 +67,7 @@ def _ensemble_observables(model: Model, names, free: tuple):
         f = jnp.stack([obs[n] for n in names], axis=1)  # (S, O, T)
         return f, (ok & jnp.all(jnp.isfinite(f), axis=(1, 2))).astype(theta.dtype)
 
-    @jax.custom_vjp
-    def observables(times, dose_t, dose_c, theta, cov):
-        return solve(times, dose_t, dose_c, theta, cov)
-
-    def forward(times, dose_t, dose_c, theta, cov):
-        def at(shift):
-            out = solve(times, dose_t, dose_c, theta.at[:, idx].add(shift), cov)
-            return out[0], out
-
-        jac, out = jax.jacfwd(at, has_aux=True)(jnp.zeros(idx.size, theta.dtype))  # (S, O, T, K)
-        return out, (jac, theta, times, dose_t, dose_c, cov)
-
-    def backward(res, ct):
-        jac, theta, times, dose_t, dose_c, cov = res
-        g = jnp.zeros_like(theta).at[:, idx].set(jnp.einsum("sot,sotk->sk", ct[0], jac))
-        return (jnp.zeros_like(times), jnp.zeros_like(dose_t), jnp.zeros_like(dose_c), g, jnp.zeros_like(cov))
-
-    observables.defvjp(forward, backward)
-
-    def run(times, dose_t, dose_c, theta, cov):
-        f, ok = observables(times, dose_t, dose_c, theta, cov)
-        return f, ok > 0.5
-
-    return run
+    return _forward_mode_vjp(solve, idx)
 
 
 def _forward_mode_observables(model: Model, names, free: tuple):
@@ -107,28 +84,37 @@ def _forward_mode_observables(model: Model, names, free: tuple):
         f, ok = subject_observables(model, names, times, dose_t, dose_c, theta, cov, adjoint=dfx.ForwardMode())
         return f, ok.astype(theta.dtype)  # a float flag: custom_vjp outputs need cotangents
 
+    return _forward_mode_vjp(solve, idx)
+
+
+def _forward_mode_vjp(solve, idx: np.ndarray):
+    """``solve(times, dose_t, dose_c, theta, cov) -> (f, ok as a float)`` with a custom VJP computed in
+    forward mode: one tangent per parameter index in ``idx``, added to that parameter of every subject
+    ``theta`` holds (one subject (P,), or several (S, P), which are independent, so each subject's
+    tangent is its own derivative); the gradient is the Jacobian's product with the cotangent."""
+
     @jax.custom_vjp
     def observables(times, dose_t, dose_c, theta, cov):
         return solve(times, dose_t, dose_c, theta, cov)
 
     def forward(times, dose_t, dose_c, theta, cov):
-        def at(sub):
-            out = solve(times, dose_t, dose_c, theta.at[idx].set(sub), cov)
+        def at(shift):
+            out = solve(times, dose_t, dose_c, theta.at[..., idx].add(shift), cov)
             return out[0], out
 
-        jac, out = jax.jacfwd(at, has_aux=True)(theta[idx])  # jac: (K, T, len(free))
+        jac, out = jax.jacfwd(at, has_aux=True)(jnp.zeros(idx.size, theta.dtype))  # (..., O, T, K)
         return out, (jac, theta, times, dose_t, dose_c, cov)
 
     def backward(res, ct):
         jac, theta, times, dose_t, dose_c, cov = res
-        g = jnp.zeros_like(theta).at[idx].set(jnp.einsum("kt,ktf->f", ct[0], jac))
+        g = jnp.zeros_like(theta).at[..., idx].set(jnp.einsum("...ot,...otk->...k", ct[0], jac))
         # the design (times, doses, covariates) is data: no gradient flows to it
         return (jnp.zeros_like(times), jnp.zeros_like(dose_t), jnp.zeros_like(dose_c), g, jnp.zeros_like(cov))
 
     observables.defvjp(forward, backward)
 
-    def one(times, dose_t, dose_c, theta, cov):
+    def run(times, dose_t, dose_c, theta, cov):
         f, ok = observables(times, dose_t, dose_c, theta, cov)
         return f, ok > 0.5
 
-    return one
+    return run
