@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/simulate_throughput.py
+	$(PY) benchmarks/ensemble_throughput.py
 	$(PY) benchmarks/fit_stein.py
 
 # Strict: any warning (a broken link, an unresolved API reference, a missing page) fails the build.
