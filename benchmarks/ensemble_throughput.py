@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,7 +116,7 @@ def c_reference(model, regimen, ds, workdir: Path) -> dict:
     (workdir / "in.bin").write_bytes(np.concatenate([np.array(header, float), TIMES, rows.ravel()]).tobytes())
     out = {}
     for threads in (1, 2):
-        env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         run = subprocess.run([str(exe), str(workdir / "in.bin"), str(workdir / "out.bin")], env=env, check=True,
                              capture_output=True, text=True)
         seconds = float(run.stdout.strip())
@@ -209,8 +211,6 @@ def main() -> None:
     print(f"cd7_cart, split 1e7 cells/kg, N = {args.n:,}")
     cd7, split, runs = ck.load_model("cd7_cart"), ck.split(1e7), {}
     record["cd7_cart_split"] = through_simulate(cd7, split, args.n, ("ensemble", "diffrax"), keep=runs)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         record["cd7_cart_split"]["c_reference"] = c_reference(cd7, split, runs["ensemble"], Path(tmp))
     record["cd7_cart_split"]["scipy_lsoda"] = scipy_loop(cd7, split, runs["ensemble"])

@@ -56,14 +56,14 @@ def _split_dataset(ds: xr.Dataset, names: list[str], units: dict[str, str]) -> x
         dim = observation_dim(name)
         part = ds.isel({FLAT_DIM: sel})
         coords = {dim: np.arange(sel.size),
-                  f"{name}_id": (dim, part["obs_id"].values.astype(str), {"long_name": "subject"}),
-                  f"{name}_time": (dim, part["obs_time"].values.astype(float),
-                                   {"units": "day", "long_name": "time after first infusion"})}
+                  observable_variable(name, "id"): (dim, part["obs_id"].values.astype(str), {"long_name": "subject"}),
+                  observable_variable(name, "time"): (dim, part["obs_time"].values.astype(float),
+                                                      {"units": "day", "long_name": "time after first infusion"})}
         for var, da in part.data_vars.items():
             if FLAT_DIM not in da.dims:
                 continue
             attrs = dict(da.attrs)
-            if "; " in str(attrs.get("units", "")) or attrs.get("units") == "see observable":
+            if "; " in str(attrs.get("units", "")):  # a joined "a: unit; b: unit" string
                 attrs["units"] = units[name]
             new = da.drop_vars([c for c in da.coords if c not in da.dims]).rename({FLAT_DIM: dim})
             out[observable_variable(name, str(var))] = new.assign_coords(coords).assign_attrs(attrs)
@@ -125,14 +125,15 @@ def observation_table(tree: xr.DataTree) -> pd.DataFrame:
     """One row per record in data-file order: id, time (day), observable, dv, blq, lloq, row."""
     obs = _group(tree, "observed_data")
     names = observables_of(tree)
+
+    def column(variable: str, dtype) -> np.ndarray:
+        return np.concatenate([obs[observable_variable(n, variable)].values.astype(dtype) for n in names])
+
     frame = pd.DataFrame({
-        "id": np.concatenate([obs[f"{n}_id"].values.astype(str) for n in names]),
-        "time": np.concatenate([obs[f"{n}_time"].values.astype(float) for n in names]),
+        "id": column("id", str), "time": column("time", float),
         "observable": np.concatenate([np.full(obs.sizes[observation_dim(n)], n) for n in names]),
-        "dv": np.concatenate([obs[n].values.astype(float) for n in names]),
-        "blq": np.concatenate([obs[observable_variable(n, "blq")].values.astype(bool) for n in names]),
-        "lloq": np.concatenate([obs[observable_variable(n, "lloq")].values.astype(float) for n in names]),
-        "row": np.concatenate([obs[observable_variable(n, "row")].values.astype(np.int64) for n in names]),
+        "dv": column(FLAT_VALUE, float), "blq": column("blq", bool), "lloq": column("lloq", float),
+        "row": column("row", np.int64),
     })
     return frame.iloc[_file_order(tree)].reset_index(drop=True)
 
@@ -157,7 +158,7 @@ def merge_observables(tree: xr.DataTree) -> xr.DataTree:
             return ds
         flat = [v for v in ds.data_vars if first in ds[v].dims]
         keep = ds.drop_vars(flat).drop_dims([observation_dim(n) for n in names])
-        out = keep.assign_coords({k: v for k, v in coords.items()})
+        out = keep.assign_coords(coords)
         for var in flat:
             base = FLAT_VALUE if var == names[0] else str(var).removeprefix(f"{names[0]}_")
             values = flat_values(tree, path, base)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from carkin.model.kinetics import Model
-from carkin.simulation.ensemble import LANE_MULTIPLE, solve_ensemble
+from carkin.simulation.ensemble import LANE_MULTIPLE, observe_subjects, solve_ensemble
 from carkin.simulation.solve import solve_subject
 
 FIT_ENGINES = ("auto", "ensemble", "diffrax")
@@ -57,13 +57,11 @@ def _ensemble_observables(model: Model, names, free: tuple):
     computed in forward mode: one tangent per parameter in ``free``, moving that parameter of every
     subject at once (subjects are independent, so each subject's tangent is its own derivative)."""
     idx = np.asarray(free, int)
-    cnames = tuple(c.name for c in model.covariates)
 
     def solve(times, dose_t, dose_c, theta, cov):
         lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
         ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes)
-        obs = jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(model.parameter_names, th)),
-                                                       dict(zip(cnames, cv))))(ys, theta, cov)
+        obs = observe_subjects(model, ys, theta, cov)
         f = jnp.stack([obs[n] for n in names], axis=1)  # (S, O, T)
         return f, (ok & jnp.all(jnp.isfinite(f), axis=(1, 2))).astype(theta.dtype)
 

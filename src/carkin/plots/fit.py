@@ -49,20 +49,11 @@ DECADES_BELOW_DATA = 2
 # --- reading the fit ---------------------------------------------------------------------------------------
 
 
-def _observables(tree: xr.DataTree) -> list[str]:
-    return observables_of(tree)
-
-
-def _units(tree: xr.DataTree) -> dict[str, str]:
-    """Observable -> units of its measured values."""
-    return observable_units(tree)
-
-
 def _long_names(tree: xr.DataTree) -> dict[str, str]:
     """Observable -> readable name from the fitted model; the bare name when the model is not in the library."""
     from carkin.model.library import load_model
 
-    names = _observables(tree)
+    names = observables_of(tree)
     try:
         model = load_model(str(tree.attrs["model"]), **json.loads(tree.attrs.get("model_options", "{}")))
     except (KeyError, TypeError, ValueError):
@@ -143,7 +134,7 @@ def plot_individual_fits(tree: xr.DataTree, curves: xr.Dataset, max_subjects: in
     if not subjects:
         raise InputError("plot_individual_fits: the curves have no subjects")
     names = [str(o) for o in curves["observable"].values]
-    units = {**_units(tree), **json.loads(curves.attrs.get("observable_units", "{}"))}
+    units = {**observable_units(tree), **json.loads(curves.attrs.get("observable_units", "{}"))}
     long_names = _long_names(tree)
     rows_per, ncols = _grid(len(subjects))
     nrows = rows_per * len(names)
@@ -235,8 +226,8 @@ def plot_gof(tree: xr.DataTree) -> Figure:
     BLQ records have no measured value to compare, so they are left out; each row says how many.
     """
     df = _observations(tree)
-    names = _observables(tree)
-    units, long_names = _units(tree), _long_names(tree)
+    names = observables_of(tree)
+    units, long_names = observable_units(tree), _long_names(tree)
     errors = json.loads(tree.attrs.get("error_models", "{}"))
     fig = Figure(figsize=(15.0, 3.9 * len(names) + 0.9), layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(names), 1))  # type: ignore[arg-type]  # wraps a lone SubFigure

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from carkin.model.kinetics import Model
+from carkin.simulation.solve import event_table
 
 # output times one step may cover (a longer step is cut at the next): on cd7_cart's daily grid 4 cost no
 # extra steps and write less per iteration than 8
@@ -46,21 +46,6 @@ _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 4
 # Coefficients of the 4th-order continuous extension (Hairer, Norsett & Wanner, Solving ODEs I, II.6).
 _D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 / 1880347072,
       701980252875 / 199316789632, -1453857185 / 822651844, 69997945 / 29380423)
-
-
-def _events(model: Model, dose_times, dose_cells, p, cov):
-    """One subject's events sorted by time (infusions before the switch at equal times):
-    times, dose-state increments and kinds (0 infusion, 1 switch)."""
-    dtype = dose_times.dtype
-    ev_t = dose_times
-    ev_amt = dose_cells * (model.cells_to_state(p, cov) if model.dose_index is not None else 0.0)
-    ev_kind = jnp.zeros(ev_t.shape, jnp.int32)
-    if model.has_switch:
-        ev_t = jnp.append(ev_t, jnp.min(dose_times) + jnp.asarray(model.switch_time(p), dtype))
-        ev_amt = jnp.append(ev_amt, 0.0)
-        ev_kind = jnp.append(ev_kind, 1)
-    order = jnp.lexsort((ev_kind, ev_t))
-    return ev_t[order], ev_amt[order], ev_kind[order]
 
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
@@ -89,7 +74,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
     def prepare(th, cv, d_t, d_c):
         p, c = dict(zip(names, th)), dict(zip(cnames, cv))
-        ev_t, ev_amt, ev_kind = _events(model, d_t, d_c, p, c)
+        ev_t, ev_amt, ev_kind = event_table(model, d_t, d_c, p, c)
         y0 = model.initial_state(p, c).astype(float)
         base = model.baseline_state(p, c).astype(float)
         return ev_t, ev_amt, ev_kind, y0, base
@@ -221,7 +206,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     return out, ok, n_steps
 
 
-def solve_ensemble_numpy(model: Model, times, dose_times, dose_cells, theta, cov_values, **kw):
-    """:func:`solve_ensemble` compiled once per shape, with numpy in and out (for tests and scripts)."""
-    fn = jax.jit(lambda *a: solve_ensemble(model, *a, **kw))
-    return tuple(np.asarray(x) for x in fn(times, dose_times, dose_cells, theta, cov_values))
+def observe_subjects(model: Model, ys, theta, cov_values) -> dict:
+    """The model's observables of solved states ``ys`` (N, T, n_states), each (N, T)."""
+    cnames = tuple(c.name for c in model.covariates)
+    return jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(model.parameter_names, th)),
+                                                    dict(zip(cnames, cv))))(ys, theta, cov_values)

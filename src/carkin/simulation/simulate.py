@@ -21,7 +21,7 @@ from carkin.guards import check_memory, check_seed
 from carkin.model import dosing, population
 from carkin.model.kinetics import Model
 from carkin.simulation.ensemble import DEFAULT_LANES as ENSEMBLE_LANES
-from carkin.simulation.ensemble import solve_ensemble
+from carkin.simulation.ensemble import observe_subjects, solve_ensemble
 from carkin.simulation.solve import check_tolerances, solve_subject
 from carkin.strict import TIME_RANGE, UNIT_RANGES
 
@@ -127,16 +127,13 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         # subjects with index >= end pad the last chunk: they come last on each device and are skipped
         ys, ok, steps = solve_ensemble(model, times, dose_t, cells, theta, cov_v, rtol=rtol, atol=atol,
                                        lanes=ENSEMBLE_LANES, n_active=jnp.sum(index < end))
-        obs = jax.vmap(lambda y, th, cv: model.observe(y, dict(zip(names, th)), dict(zip(cnames, cv))))(
-            ys, theta, cov_v)
+        obs = observe_subjects(model, ys, theta, cov_v)
         ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
 
     def one(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask,
             dose_t, dose_per_kg, times, end=None):
-        theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
-        theta = jnp.where(par_mask, par_given, theta)
-        cov_v = jnp.where(cov_mask, cov_given, cov_s)
+        theta, cov_v = draw(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
         p = dict(zip(names, theta))
         cov = dict(zip(cnames, cov_v))
         if engine == "closed-form":
@@ -396,7 +393,7 @@ def _to_dataset(model, regimens, several, grid, results, n_subjects, seed, inclu
     failed = stack([~r[2] for r in results])
     data["failed"] = (lead, failed, {"units": "1", "long_name": "solve failed for this subject"})
     data["n_steps"] = (lead, stack([r[3] for r in results]),
-                       {"units": "1", "long_name": "accepted solver steps (0 for a closed form)"})
+                       {"units": "1", "long_name": "solver steps taken, accepted and rejected (0 for a closed form)"})
     theta, cov = results[0][4], results[0][5]
     for j, prm in enumerate(model.parameters):
         data[prm.name] = (("subject",), theta[:, j], {"units": prm.unit, "long_name": prm.description})

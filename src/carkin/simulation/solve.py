@@ -57,6 +57,21 @@ def solver_for(model: Model, rtol: float | None = None, atol: float | None = Non
     )
 
 
+def event_table(model: Model, dose_times, dose_cells, p: dict, cov: dict):
+    """One subject's events sorted by time, infusions before the switch at equal times: times,
+    dose-state increments and kinds (0 infusion, 1 the model's switch, ``switch_time`` after the
+    first infusion)."""
+    ev_t = dose_times
+    ev_amt = dose_cells * (model.cells_to_state(p, cov) if model.dose_index is not None else 0.0)
+    ev_kind = jnp.zeros(ev_t.shape, jnp.int32)
+    if model.has_switch:
+        ev_t = jnp.append(ev_t, jnp.min(dose_times) + jnp.asarray(model.switch_time(p), dose_times.dtype))
+        ev_amt = jnp.append(ev_amt, 0.0)
+        ev_kind = jnp.append(ev_kind, 1)
+    order = jnp.lexsort((ev_kind, ev_t))
+    return ev_t[order], ev_amt[order], ev_kind[order]
+
+
 def solve_subject(
     model: Model,
     times: jnp.ndarray,
@@ -84,18 +99,8 @@ def solve_subject(
     dtype = jnp.result_type(times.dtype, jnp.float32)
     times = times.astype(dtype)
 
-    # Event table: infusions (kind 0) then the switch (kind 1); sorted by time,
-    # infusions first at equal times.
-    ev_t = dose_times.astype(dtype)
-    ev_amt = dose_cells.astype(dtype) * (model.cells_to_state(p, cov) if dose_idx is not None else 0.0)
-    ev_kind = jnp.zeros(ev_t.shape, jnp.int32)
-    t_first = jnp.min(ev_t)
-    if model.has_switch:
-        ev_t = jnp.append(ev_t, t_first + jnp.asarray(model.switch_time(p), dtype))
-        ev_amt = jnp.append(ev_amt, 0.0)
-        ev_kind = jnp.append(ev_kind, 1)
-    order = jnp.lexsort((ev_kind, ev_t))
-    ev_t, ev_amt, ev_kind = ev_t[order], ev_amt[order], ev_kind[order]
+    ev_t, ev_amt, ev_kind = event_table(model, dose_times.astype(dtype), dose_cells.astype(dtype), p, cov)
+    t_first = jnp.min(dose_times.astype(dtype))
 
     y0 = model.initial_state(p, cov).astype(dtype)
     term = dfx.ODETerm(lambda t, y, phase: model.vector_field(t, y, p, cov, phase))
