@@ -10,7 +10,7 @@ from carkin.config import configure  # importing carkin.config switches JAX to 6
 from carkin.errors import CarkinError
 from carkin.fitting.data import DatasetError, DatasetWarning, StudyData, read_dataset
 from carkin.fitting.inference import FitWarning, ModelDataError, fit, load_fit, save_fit
-from carkin.fitting.samplers import NUTS, SVI
+from carkin.fitting.samplers import NUTS, SVI, Laplace
 from carkin.model.dosing import Regimen, custom, single, split
 from carkin.model.kinetics import Covariate, Model, Observable, Parameter, State
 from carkin.model.library import list_models, load_model
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CarkinError", "Covariate", "CovariateEffect", "DatasetError", "DatasetWarning", "ErrorModel", "FitWarning",
-    "Model", "ModelDataError", "NUTS", "Observable", "Parameter", "Regimen", "SVI", "SimulationWarning", "State",
+    "Laplace", "Model", "ModelDataError", "NUTS", "Observable", "Parameter", "Regimen", "SVI", "SimulationWarning",
+    "State",
     "StudyData",
     "configure",
     "custom", "fit", "list_models", "load_fit", "load_model", "nca", "nca_long", "read_dataset", "save_fit",

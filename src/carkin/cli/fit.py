@@ -30,7 +30,7 @@ def _cmd_fit(args) -> int:
     from carkin.plots.fit import fit_figures
     from carkin.plots.simulation import DPI
 
-    for opt in ("chains", "warmup", "samples", "svi_steps"):
+    for opt in ("chains", "warmup", "samples", "svi_steps", "starts"):
         if getattr(args, opt) < 1:
             raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
     data_path = Path(args.data)
@@ -57,10 +57,14 @@ def _cmd_fit(args) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tree = ck.fit(model, data, estimate=_names(args.estimate), fixed=_assignments(args.fix, "--fix"),
-                      error=error, centred=_names(args.centred) or (), method=args.method, chains=args.chains,
-                      warmup=args.warmup, samples=args.samples, seed=args.seed, svi_steps=args.svi_steps,
-                      progress=not args.quiet)
+        common = dict(estimate=_names(args.estimate), fixed=_assignments(args.fix, "--fix"), error=error,
+                      variability=_names(args.variability),
+                      centred=_names(args.centred) or (), seed=args.seed, progress=not args.quiet)
+        if args.method == "laplace":
+            tree = ck.fit(model, data, sampler=ck.Laplace(starts=args.starts, priors=args.map), **common)
+        else:
+            tree = ck.fit(model, data, method=args.method, chains=args.chains, warmup=args.warmup,
+                          samples=args.samples, svi_steps=args.svi_steps, **common)
     _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
     elapsed = time.perf_counter() - t0
     tree.attrs["history"] = "carkin fit " + " ".join(args.argv)
@@ -78,6 +82,11 @@ def _cmd_fit(args) -> int:
     rows = [[str(r["parameter"])] + [_fmt(r[c]) for c in cols[1:]] for _, r in table.iterrows()]
     print(f"done in {elapsed:.1f} s")
     print(_table(rows, cols))
+    if "laplace" in tree.children:
+        attrs = tree["laplace"].attrs
+        print(f"OFV {attrs['ofv']:.3f} (-2 log-likelihood, {attrs['n_observations']} observations; every constant "
+              "included, see the fit's laplace group)")
+        print(f"{attrs['convergence']}; covariance step: {attrs['covariance_step']}")
     if args.method == "nuts":
         from carkin.fitting.diagnostics import loo
 
@@ -130,14 +139,21 @@ def add_parser(sub, fmt) -> None:
                "  carkin fit data/stein_sim.csv --model stein_2019 --out out/stein\n"
                "  carkin fit data/cd7_sim.csv --model cd7_cart --estimate rho,k_kill,d_e,f_blood --method svi "
                "--out out/cd7\n"
+               "  carkin fit data/cd7_sim.csv --model cd7_cart --product-type naturally_selected "
+               "--estimate rho,k_kill,d_e,f_blood --method laplace --out out/cd7_laplace\n"
                "\nBad data: every problem is listed (file, row, ID, column) and the exit status is 2.",
     )
     p.add_argument("data", metavar="DATA.csv", help="NONMEM-style CSV (a sidecar DATA.toml beside it is read)")
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'carkin models')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     _add_overwrite(p)
-    p.add_argument("--method", choices=("nuts", "svi"), default="nuts",
-                   help="nuts: full posterior (default); svi: quick variational approximation")
+    p.add_argument("--method", choices=("nuts", "svi", "laplace"), default="nuts",
+                   help="nuts: full posterior (default); svi: quick variational approximation; laplace: maximum "
+                        "likelihood with the random effects integrated out (FOCE-I): estimates, SE/RSE%%, OFV, "
+                        "shrinkage and CWRES in minutes")
+    p.add_argument("--starts", type=int, default=3, help="Laplace: optimisations from different starts; the best "
+                   "is kept (default %(default)s)")
+    p.add_argument("--map", action="store_true", help="Laplace: add the log prior (a MAP estimate)")
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default %(default)s)")
     p.add_argument("--warmup", type=int, default=500, help="NUTS warmup iterations per chain (default %(default)s)")
     p.add_argument("--samples", type=int, default=500, help="NUTS draws per chain (default %(default)s)")
@@ -145,6 +161,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default %(default)s)")
     p.add_argument("--estimate", metavar="P1,P2,...",
                    help="parameters to estimate (default: all not fixed); the rest stay at the model's values")
+    p.add_argument("--variability", metavar="P1,P2,...",
+                   help="estimated parameters with between-subject variability (default: those the model gives "
+                        "an omega)")
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
     p.add_argument("--centred", metavar="P1,P2,...",
                    help="random effects to sample centred (mu-referenced), for parameters every subject's data "

@@ -38,7 +38,15 @@ def shrinkage(tree: xr.DataTree) -> dict[str, float]:
 
 def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
     """One row per population parameter: posterior mean, sd, 90% interval, R-hat, bulk and
-    tail ESS, and for each omega the shrinkage of its random effect."""
+    tail ESS, and for each omega the shrinkage of its random effect. A Laplace fit's table:
+    estimate, SE, RSE%, 95% Wald interval and shrinkage."""
+    if "laplace" in tree.children:
+        t = tree["laplace"].to_dataset()
+        return pd.DataFrame({
+            "parameter": t["parameter"].values.astype(str), "units": t["units"].values.astype(str),
+            "estimate": t["estimate"].values, "se": t["se"].values, "rse_percent": t["rse"].values,
+            "ci95_low": t["lower"].values, "ci95_high": t["upper"].values, "shrinkage": t["shrinkage"].values,
+            "description": t["description"].values.astype(str)})
     sites = population_sites(tree)
     post = tree["posterior"].to_dataset()[sites]
     chains = post.sizes["chain"]

@@ -67,7 +67,10 @@ def _obs_units(problem: FitProblem) -> str:
     return units[names[0]] if len(names) == 1 else "; ".join(f"{n}: {units[n]}" for n in names)
 
 
-def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settings: dict, key) -> xr.DataTree:
+def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settings: dict, key,
+                extra_posterior: dict | None = None) -> xr.DataTree:
+    """The fit's DataTree from its draws. ``extra_posterior``: more per-observation variables of the
+    posterior group, name -> ((chain, draw, obs) values, attrs), e.g. a Laplace fit's CWRES."""
     model, d = problem.model, problem.design
     theta, ipred, pred, loglik, rep = _derived(problem, draws, key)
     chains, n_draw = ipred.shape[:2]
@@ -99,6 +102,8 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
     post["ipred"] = (("chain", "draw", "obs"), ipred, {"units": obs_units, "long_name": "individual prediction"})
     post["pred"] = (("chain", "draw", "obs"), pred,
                     {"units": obs_units, "long_name": "population prediction (random effects at zero)"})
+    for name, (values, attrs) in (extra_posterior or {}).items():
+        post[name] = (("chain", "draw", "obs"), values, attrs)
     groups = {"posterior": xr.Dataset(post, coords={**base, **subject, **obs_coords})}
 
     if stats is not None:

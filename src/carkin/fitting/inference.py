@@ -53,7 +53,7 @@ from carkin.fitting.fit_results import (  # noqa: F401
     to_datatree,
 )
 from carkin.fitting.predictions import _forward_mode_observables, predict_grid, subject_observables  # noqa: F401
-from carkin.fitting.samplers import NUTS, SVI, from_arguments
+from carkin.fitting.samplers import NUTS, SVI, Laplace, from_arguments
 from carkin.guards import check_memory, check_seed
 from carkin.model.kinetics import Model
 from carkin.model.population import CENTRED_SITE, Z_SITE  # noqa: F401  (CENTRED_SITE: offered here before)
@@ -83,7 +83,7 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
         priors=None, centred=(), method: str = "nuts", chains: int = 4, warmup: int = 500, samples: int = 500,
         seed: int = 0, target_accept: float = 0.8, max_tree_depth: int = 10, init: str = "median",
         svi_steps: int = 3000, svi_draws: int = 1000, progress: bool = True,
-        sampler: NUTS | SVI | None = None) -> xr.DataTree:
+        sampler: NUTS | SVI | Laplace | None = None) -> xr.DataTree:
     """Fit a population model of ``model`` to ``data`` (a StudyData or a CSV path).
 
     ``estimate``: parameters whose typical values are estimated (default: all not in
@@ -96,12 +96,15 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     ``method="nuts"`` samples the posterior (``chains``, ``warmup``, ``samples``,
     ``seed``); ``method="svi"`` fits a normal approximation of the posterior by
     stochastic variational inference (``svi_steps``) and returns ``svi_draws`` draws
-    from it: a quick look, with less honest uncertainty. ``init`` is where NUTS chains
+    from it: a quick look, with less honest uncertainty; ``method="laplace"`` maximises the
+    likelihood with each subject's random effects integrated out by the Laplace approximation
+    (FOCE-I; carkin.fitting.laplace): estimates with standard errors, the objective function value,
+    individual estimates (the modes) and CWRES, in minutes. ``init`` is where NUTS chains
     start: ``median`` (prior medians) or ``svi`` (the variational fit's medians).
     The chains run as one compiled program split over every device (each CPU core is one),
     with the same draws however many devices there are.
 
-    ``sampler`` (carkin.samplers.NUTS or SVI) gives all of these settings as one object; with it,
+    ``sampler`` (carkin.samplers.NUTS, SVI or Laplace) gives all of these settings as one object; with it,
     leave ``method``, ``chains``, ``warmup``, ``samples``, ``target_accept``, ``max_tree_depth``,
     ``init``, ``svi_steps`` and ``svi_draws`` at their defaults.
     Sampler problems are reported as FitWarning with what to try.
@@ -114,8 +117,9 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                            svi_draws)
     if sampler is None:
         sampler = given
-    elif not isinstance(sampler, (NUTS, SVI)):
-        raise InputError(f"sampler must be carkin.NUTS(...) or carkin.SVI(...), got {sampler!r}")
+    elif not isinstance(sampler, (NUTS, SVI, Laplace)):
+        raise InputError(f"sampler must be carkin.NUTS(...), carkin.SVI(...) or carkin.Laplace(...), "
+                         f"got {sampler!r}")
     elif given != NUTS():
         raise InputError("give the sampler's settings either as sampler=... or as keyword arguments, not both")
     n_draws = sampler.n_draws
@@ -129,6 +133,8 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                            covariate_effects=covariate_effects, error=error, priors=priors, centred=centred)
     key = jax.random.PRNGKey(seed)
     k_fit, k_post = jax.random.split(key)
+    if isinstance(sampler, Laplace):
+        return _laplace(problem, data, sampler, seed, progress, k_post)
     t0 = time.perf_counter()
     nuts = sampler if isinstance(sampler, NUTS) else None
     if nuts is None or nuts.init == "svi":
@@ -154,6 +160,32 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     tree = to_datatree(problem, data, draws, stats, settings, k_post)
     for message in convergence_report(tree):
         warnings.warn(message, FitWarning, stacklevel=2)
+    return tree
+
+
+def _laplace(problem: FitProblem, data: StudyData, settings: Laplace, seed: int, progress: bool, key) -> xr.DataTree:
+    """``fit(method="laplace")``: estimates, then the DataTree; problems reported as FitWarning."""
+    from carkin.fitting import laplace
+
+    kinked = laplace.switch_with_variability(problem)
+    if kinked:
+        warnings.warn(f"{problem.model.name}'s switch time moves with {kinked}, which have between-subject "
+                      "variability: the Laplace objective has kinks wherever a subject's switch meets one of its "
+                      "observation times, so the optimiser may stop short and the standard errors fail; fit those "
+                      "parameters without variability (variability=...) or use method='nuts'", FitWarning, stacklevel=3)
+    t0 = time.perf_counter()
+    result = laplace.estimate(problem, settings, seed=seed, progress=progress)
+    record = {"method": "laplace", "starts": settings.starts, "priors": settings.priors,
+              "covariance": settings.covariance, "seed": seed, "chains": 1, "samples": 1,
+              "fit_time_s": round(time.perf_counter() - t0, 3), "compile_s": result.compile_s,
+              "run_s": result.run_s, "devices": jax.local_device_count()}
+    tree = laplace.laplace_tree(problem, data, result, record, key)
+    if not result.converged:
+        warnings.warn(f"the Laplace fit did not converge ({result.message}); try more starts (Laplace(starts=...)), "
+                      "fix parameters the data cannot identify, or compare with method='nuts'", FitWarning,
+                      stacklevel=3)
+    if settings.covariance and result.covariance is None:
+        warnings.warn(f"no standard errors: {result.covariance_message}", FitWarning, stacklevel=3)
     return tree
 
 

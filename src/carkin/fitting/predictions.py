@@ -59,13 +59,20 @@ def _ensemble_observables(model: Model, names, free: tuple):
     idx = np.asarray(free, int)
 
     def solve(times, dose_t, dose_c, theta, cov):
-        lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
-        ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes)
-        obs = observe_subjects(model, ys, theta, cov)
-        f = jnp.stack([obs[n] for n in names], axis=1)  # (S, O, T)
-        return f, (ok & jnp.all(jnp.isfinite(f), axis=(1, 2))).astype(theta.dtype)
+        f, ok = ensemble_observables(model, names, times, dose_t, dose_c, theta, cov)
+        return f, ok.astype(theta.dtype)
 
     return _forward_mode_vjp(solve, idx)
+
+
+def ensemble_observables(model: Model, names, times, dose_t, dose_c, theta, cov):
+    """Observables ``names`` of every subject (S, O, T) from one ensemble solve (a lane per subject),
+    and each subject's ok flag (S,). Pure JAX: forward-mode derivatives of any order pass through."""
+    lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
+    ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes)
+    obs = observe_subjects(model, ys, theta, cov)
+    f = jnp.stack([obs[n] for n in names], axis=1)
+    return f, ok & jnp.all(jnp.isfinite(f), axis=(1, 2))
 
 
 def _forward_mode_observables(model: Model, names, free: tuple):

@@ -1,7 +1,8 @@
 """Sampler settings as small immutable objects: ``fit(model, data, sampler=NUTS(chains=4))``.
 
 ``NUTS`` samples the posterior; ``SVI`` fits a normal approximation by stochastic variational
-inference and draws from it (a quick look, with less honest uncertainty)."""
+inference and draws from it (a quick look, with less honest uncertainty); ``Laplace`` maximises the
+likelihood with the random effects integrated out (FOCE-I; carkin.fitting.laplace)."""
 
 from __future__ import annotations
 
@@ -60,15 +61,37 @@ class SVI:
         return self.draws
 
 
+@dataclass(frozen=True)
+class Laplace:
+    """Settings of ``fit(..., method="laplace")``: ``starts`` outer optimisations (the first from
+    the model's values, the others perturbed by seed), ``priors`` to add the log prior (a MAP
+    estimate on the constrained scale), ``covariance`` to compute standard errors."""
+
+    starts: int = 3
+    priors: bool = False
+    covariance: bool = True
+    max_iter: int = 500
+
+    def __post_init__(self):
+        for name in ("starts", "max_iter"):
+            _whole("Laplace", name, getattr(self, name))
+
+    @property
+    def n_draws(self) -> int:
+        return 1
+
+
 def from_arguments(method: str, chains, warmup, samples, target_accept, max_tree_depth, init, svi_steps,
-                   svi_draws) -> NUTS | SVI:
+                   svi_draws) -> NUTS | SVI | Laplace:
     """The sampler the older keyword arguments of ``fit`` describe."""
-    if method not in ("nuts", "svi"):
-        raise InputError(f"method must be 'nuts' or 'svi', got {method!r}")
+    if method not in ("nuts", "svi", "laplace"):
+        raise InputError(f"method must be 'nuts', 'svi' or 'laplace', got {method!r}")
     for name, v in (("chains", chains), ("warmup", warmup), ("samples", samples), ("svi_steps", svi_steps),
                     ("svi_draws", svi_draws)):
         if int(v) < 1:
             raise InputError(f"{name} must be >= 1, got {v}")
+    if method == "laplace":
+        return Laplace()
     if method == "svi":
         if init not in ("median", "svi"):
             raise InputError(f"init must be 'median' or 'svi', got {init!r}")

@@ -116,7 +116,10 @@ class ErrorModel:
         """Pointwise log-likelihood; ``blq`` marks censored records, whose term is log P(y < lloq)
         (``y`` is ignored there and may be NaN). All arrays share one shape."""
         safe_y = jnp.where(blq, 1.0, y)  # keep NaN out of the unused branch (its gradient too)
-        safe_lloq = jnp.where(blq, lloq, 1.0)
+        # the unused censored term of a measured record sits at its median (u = 0), where log Phi and its
+        # derivatives of every order are finite (far in the tail, its second derivative underflows to NaN)
+        safe_lloq = jnp.where(blq, lloq, self.g_inverse(self.scale(jnp.maximum(f, PREDICTION_FLOOR), sigma,
+                                                                   sigma_add)[0]))
         return jnp.where(blq, self.log_censored(safe_lloq, f, sigma, sigma_add),
                          self.log_density(safe_y, f, sigma, sigma_add))
 

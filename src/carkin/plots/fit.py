@@ -23,7 +23,13 @@ from matplotlib.patches import Patch
 
 from carkin.errors import InputError
 from carkin.fitting import diagnostics
-from carkin.fitting.observations import flat_values, observable_units, observables_of, observation_table
+from carkin.fitting.observations import (
+    flat_values,
+    observable_units,
+    observable_variable,
+    observables_of,
+    observation_table,
+)
 from carkin.model.observation import ErrorModel
 from carkin.model.population import sigma_add_site, sigma_site
 from carkin.outputs import save_figure
@@ -69,10 +75,16 @@ def _label(name: str, units: str) -> str:
 def _observations(tree: xr.DataTree) -> pd.DataFrame:
     """One row per record: id, time, observable, dv, blq, lloq, and posterior medians of PRED and IPRED."""
     frame = observation_table(tree).drop(columns="row")
-    for name in ("pred", "ipred"):
+    names = ("pred", "ipred", "cwres") if _has_cwres(tree) else ("pred", "ipred")
+    for name in names:
         draws = xr.DataArray(flat_values(tree, "posterior", name), dims=("chain", "draw", "obs"))
         frame[name] = draws.median(("chain", "draw")).values  # NaN-skipping, as xarray does
     return frame
+
+
+def _has_cwres(tree: xr.DataTree) -> bool:
+    """A Laplace fit keeps CWRES beside its predictions."""
+    return observable_variable(observables_of(tree)[0], "cwres") in tree["posterior"].data_vars
 
 
 def _quantified(df: pd.DataFrame) -> pd.Series:
@@ -229,7 +241,7 @@ def plot_gof(tree: xr.DataTree) -> Figure:
     names = observables_of(tree)
     units, long_names = observable_units(tree), _long_names(tree)
     errors = json.loads(tree.attrs.get("error_models", "{}"))
-    fig = Figure(figsize=(15.0, 3.9 * len(names) + 0.9), layout="constrained")
+    fig = Figure(figsize=(18.75 if _has_cwres(tree) else 15.0, 3.9 * len(names) + 0.9), layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(names), 1))  # type: ignore[arg-type]  # wraps a lone SubFigure
     for sub_fig, name in zip(rows, names):
         sub = df[df["observable"] == name]
@@ -237,7 +249,7 @@ def plot_gof(tree: xr.DataTree) -> Figure:
         err = ErrorModel(errors.get(name))
         res = err.residual(keep["dv"], keep["ipred"], _sigma(tree, sigma_site(name)),
                            _sigma(tree, sigma_add_site(name)) if err.has_additive else 0.0)
-        axes = sub_fig.subplots(1, 4)
+        axes = sub_fig.subplots(1, 5 if "cwres" in keep else 4)
         unit = units.get(name, "")
         _identity_panel(axes[0], keep["pred"], keep["dv"], _label("population prediction", unit),
                         _label("observed", unit), "observed vs population prediction")
@@ -248,14 +260,20 @@ def plot_gof(tree: xr.DataTree) -> Figure:
         _residual_panel(axes[3], keep["ipred"], res, _label("individual prediction", unit), log_x=True)
         axes[2].set_title("IWRES vs time", fontsize="medium")
         axes[3].set_title("IWRES vs individual prediction", fontsize="medium")
+        if "cwres" in keep:
+            _residual_panel(axes[4], keep["pred"], keep["cwres"].to_numpy(), _label("population prediction", unit),
+                            log_x=True)
+            axes[4].set_ylabel("CWRES", fontsize="small")
+            axes[4].set_title("CWRES vs population prediction", fontsize="medium")
         left_out = int(len(sub) - len(keep))
         note = f"{left_out} of {len(sub)} records BLQ or missing, not shown" if left_out else "no BLQ records"
         sub_fig.suptitle(f"{long_names.get(name, name)} — {err.name} error — {note}", fontsize="medium")
     handles = [Line2D([], [], marker="o", color=PRED_COLOUR, alpha=0.6, ls="none", ms=4),
                Line2D([], [], color="0.2", lw=1.0), Line2D([], [], color="0.4", lw=0.9, ls="--")]
-    labels = ["quantified observation", "identity (observed = predicted) / IWRES = 0", f"IWRES = ±{Z_REF}"]
+    labels = ["quantified observation", "identity (observed = predicted) / residual = 0", f"residual = ±{Z_REF}"]
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small", frameon=False)
-    fig.suptitle(f"Goodness of fit — {tree.attrs.get('model', '')} (posterior medians)", fontsize="large")
+    how = "Laplace estimates" if _has_cwres(tree) else "posterior medians"
+    fig.suptitle(f"Goodness of fit — {tree.attrs.get('model', '')} ({how})", fontsize="large")
     return fig
 
 

@@ -1,0 +1,576 @@
+"""Maximum-likelihood population estimates with the random effects integrated out by the Laplace
+approximation (FOCE with interaction), as NONMEM's FOCE-I, Monolix's linearisation or nlmixr2's
+FOCEi give them.
+
+For subject i with standardised random effects z_i (eta = omega * z) and population parameters
+psi (typical values, omegas, covariate coefficients, residual errors):
+
+    l_i(z; psi)  = -log p(y_i | z; psi) + |z|^2 / 2                     (conditional objective)
+    -log L_i(psi) ~ l_i(z_i*; psi) + log det H_i / 2                      (z_i* = argmin l_i)
+
+with H_i = J_i' W_i J_i + I the FOCE-I information matrix: J_i the derivatives of the subject's
+predictions with respect to z at its mode, W_i each record's expected Fisher information about its
+prediction under the error model (the interaction: a residual SD that depends on the prediction
+adds its own information), and for a BLQ record (M3) the curvature of its log-probability in the
+standardised distance to the LLOQ (log-concave, so positive). Where the predictions are linear in z
+with a constant residual SD this is the exact marginal likelihood.
+
+Derivatives. Every derivative of the predictions passes through each subject's few individual
+parameters, so one forward-mode solve carrying first and second derivatives with respect to them
+(the ensemble engine, or a closed form) gives a local quadratic model of the predictions that is
+exact to second order at the mode. The objective's gradient is then ordinary reverse mode on that
+model, with the modes' own movement (d z*/d psi) by the implicit function theorem; no third
+derivative of an ODE solution is needed. The modes are damped Gauss-Newton solves of all subjects
+at once, warm-started from the previous outer iterate.
+
+The outer optimiser is BFGS (scipy) on the unconstrained scale of every population parameter:
+the modes carried between its steps are state that a pure JAX optimiser loop cannot keep, and a
+Python loop reports progress and can be interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions.transforms import biject_to
+
+from carkin.errors import CarkinError, InputError
+from carkin.fitting.fit_problem import FitProblem
+from carkin.fitting.predictions import ensemble_observables, subject_observables
+from carkin.fitting.samplers import Laplace
+from carkin.model.observation import PREDICTION_FLOOR, log_normal_cdf
+from carkin.model.population import omega_site, sigma_add_site, sigma_site
+
+# a subject's mode counts as found when the largest gradient component (z units) is below INNER_GTOL or the
+# Newton decrement g' H^-1 g below INNER_DECREMENT: l within ~1e-10 of its minimum, above an ODE solve's own
+# noise (its steps change with the parameters)
+INNER_GTOL = 1e-6
+INNER_DECREMENT = 1e-10
+MAX_STEP = 1.0  # largest change of any z in one Newton step (z is in standard deviations)
+INNER_MAX_ITER = 100  # damped Newton iterations per mode search
+OUTER_GTOL = 1e-3  # largest gradient component of -log L (unconstrained scale) at which BFGS stops
+CONVERGED_GTOL = 1e-2  # ... and below which a BFGS run that ends on its line search (ODE noise) counts as converged
+FIRST_STEP = 0.3  # length of BFGS's first step (unconstrained scale) along its largest gradient component
+START_SPREAD = 0.3  # SD of the unconstrained perturbation of each extra start
+FD_STEP = 1e-4  # central-difference step (unconstrained scale) of the covariance step
+LOG_2PI = math.log(2 * math.pi)
+FAILED = 1e300  # objective reported to the optimiser where a solve fails
+
+
+class LaplaceError(CarkinError, RuntimeError):
+    """The Laplace fit failed numerically (no start with a finite objective)."""
+
+
+class LaplaceWarning(UserWarning):
+    """A Laplace fit's result needs care: not converged, or its covariance step failed."""
+
+
+# --- the objective ------------------------------------------------------------------------------
+
+
+def _information(err, f, blq, lloq, sigma, add):
+    """Each record's FOCE-I weight: expected Fisher information about its prediction ``f`` for a
+    measured record (location and, the interaction, SD: c'^2/s^2 + 2 s'^2/s^2); for a BLQ record
+    the curvature of log Phi(u) in u = (g(lloq) - c) / s times u'^2."""
+    one = jnp.ones_like(f)
+    (c, s), (dc, ds) = jax.jvp(lambda ff: err.scale(ff, sigma, add), (f,), (one,))
+    measured = dc**2 / s**2 + 2.0 * ds**2 / s**2
+    g_l = err.g(jnp.where(blq, lloq, 1.0))
+    u = (g_l - c) / s
+    du = (-dc * s - (g_l - c) * ds) / s**2
+    # -d^2/du^2 log Phi(u) = m (m + u), m = phi(u) / Phi(u) the inverse Mills ratio
+    mills = jnp.exp(-0.5 * u**2 - 0.5 * LOG_2PI - log_normal_cdf(u))
+    curvature = mills * (mills + u)
+    return jnp.where(blq, curvature * du**2, measured)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The pieces of -log L for one problem, as pure functions (compiled once per problem)."""
+
+    problem: FitProblem
+    sites: tuple  # population sites in order
+    free: np.ndarray  # indices of the model parameters that vary (the estimated ones)
+
+    def constrain(self, u):
+        return {s: biject_to(self.problem.priors[s].support)(u[k]) for k, s in enumerate(self.sites)}
+
+    def unconstrain(self, values: dict):
+        return jnp.stack([biject_to(self.problem.priors[s].support).inv(jnp.asarray(float(values[s])))
+                          for s in self.sites])
+
+    def theta(self, params, z):
+        """(S, P) individual values of every model parameter."""
+        d = self.problem.design
+        x = np.asarray(self.problem.x, float).reshape(d.n_subjects, -1)
+        return self.problem.population.individual(params, z, x)
+
+    def predictions(self, theta):
+        """(S, O, T) observables and (S,) ok flags at individual parameters ``theta``."""
+        p, d = self.problem, self.problem.design
+        args = [jnp.asarray(a) for a in (d.times, d.dose_times, d.dose_cells)]
+        cov = jnp.asarray(d.model_covariates)
+        if p.model.has_closed_form:
+            return jax.vmap(lambda *a: subject_observables(p.model, d.observables, *a))(*args, theta, cov)
+        return ensemble_observables(p.model, d.observables, *args, theta, cov)
+
+    def taylor(self, theta, order: int):
+        """Predictions and their derivatives with respect to each subject's free parameters: a
+        local model of the predictions, exact to ``order`` (1 or 2) at ``theta``. Subjects are
+        independent, so one tangent moving a parameter of every subject at once gives each its own."""
+        k = self.free.size
+
+        def at(shift):
+            return self.predictions(theta.at[:, self.free].add(shift))
+
+        def values(shift):
+            f, ok = at(shift)
+            return f, (f, ok)
+
+        def first(shift):
+            jac, (f, ok) = jax.jacfwd(values, has_aux=True)(shift)
+            return jac, (f, ok, jac)
+
+        zero = jnp.zeros(k)
+        if order == 1:
+            jac, (f, ok, _) = first(zero)
+            return f, ok, jac, jnp.zeros(jac.shape + (k,))
+        hess, (f, ok, jac) = jax.jacfwd(first, has_aux=True)(zero)
+        return f, ok, jac, hess
+
+    def record_predictions(self, params, z, local, obs):
+        """One subject's prediction of each of its records from the local model ``local`` =
+        (theta0 (P,), f0, J0, K0) of its predictions, at standardised random effects ``z``."""
+        theta0, f0, jac0, hess0 = local
+        th = self.problem.population.individual(params, z[None], obs["x"][None])[0]
+        delta = th[self.free] - theta0[self.free]
+        f = f0 + jac0 @ delta + 0.5 * jnp.einsum("otk,k->ot", hess0 @ delta, delta)
+        return f[obs["kind"], obs["tindex"]]
+
+    def negative_log_likelihood(self, params, pred, obs):
+        """-log p(y | predictions) of one subject's records (M3 where BLQ)."""
+        ll = self.problem.pointwise_log_likelihood(params, pred, (obs["y"], obs["blq"], obs["lloq"]), kind=obs["kind"])
+        return -jnp.sum(jnp.where(obs["mask"], ll, 0.0))
+
+    def conditional(self, params, z, local, obs):
+        """One subject's conditional objective l(z) = -log p(y | z) + |z|^2 / 2."""
+        pred = self.record_predictions(params, z, local, obs)
+        return self.negative_log_likelihood(params, pred, obs) + 0.5 * jnp.sum(z**2)
+
+    def log_det(self, params, z, local, obs):
+        """log det of one subject's FOCE-I information matrix J' W J + I at ``z``."""
+        pred = self.record_predictions(params, z, local, obs)
+        jz = jax.jacfwd(self.record_predictions, argnums=1)(params, z, local, obs)  # (M, R)
+        w = jnp.where(obs["mask"], self._weights(params, pred, obs), 0.0)
+        return jnp.linalg.slogdet(jz.T @ (w[:, None] * jz) + jnp.eye(z.size))[1]
+
+    def _weights(self, params, pred, obs):
+        w = None
+        for k, name in enumerate(self.problem.design.observables):
+            err = self.problem.errors[name]
+            term = _information(err, pred, obs["blq"], obs["lloq"], params[sigma_site(name)],
+                                params.get(sigma_add_site(name), 0.0))
+            w = term if w is None else jnp.where(obs["kind"] == k, term, w)
+        return w
+
+
+def _per_subject(problem: FitProblem) -> dict:
+    from carkin.fitting.posthoc import _per_subject_observations
+
+    d = problem.design
+    obs = {k: jnp.asarray(v) for k, v in _per_subject_observations(problem).items()}
+    obs["x"] = jnp.asarray(np.asarray(problem.x, float).reshape(d.n_subjects, -1))
+    return obs
+
+
+def build(problem: FitProblem, use_priors: bool = False):
+    """Compiled functions of a Laplace fit: ``value_and_grad(u, z) -> (-log L (+ -log prior), its
+    gradient, modes, ok)`` and ``modes(u, z0)``."""
+    sites = tuple(problem.priors)
+    free = np.array([problem.model.parameter_names.index(n) for n in problem.estimated], int)
+    ob = _Objective(problem, sites, free)
+    obs = _per_subject(problem)
+    R = len(problem.random)
+
+    def locals_at(params, z, order):
+        theta = ob.theta(params, z)
+        f, ok, jac, hess = ob.taylor(theta, order)
+        return (theta, f, jac, hess), ok
+
+    def over_subjects(fn, params, z, local):
+        return jax.vmap(lambda zz, loc, o: fn(params, zz, loc, o))(z, local, obs)
+
+    def value_grad_hessian(params, z, local, o):
+        """l, its gradient and its Hessian in z, from one trace."""
+        def grad_with_value(zz):
+            v, g = jax.value_and_grad(ob.conditional, argnums=1)(params, zz, local, o)
+            return g, (v, g)
+
+        h, (v, g) = jax.jacfwd(grad_with_value, has_aux=True)(z)
+        return v, g, h
+
+    def inner(params, z0):
+        """Modes of every subject's conditional objective, all subjects at once: Newton steps on the
+        local second-order model (one solve with second derivatives per iteration), damped
+        Levenberg-Marquardt style: a step that does not lower l is retried with more damping.
+        Returns the modes, the local models there, and each subject's ok flag and gradient norm."""
+
+        def evaluate(z):
+            local, ok = locals_at(params, z, 2)
+            value, grad, hess = over_subjects(value_grad_hessian, params, z, local)
+            return jnp.where(ok, value, jnp.inf), grad, hess, local
+
+        S = z0.shape[0]
+
+        def cond(st):
+            return (st[5] < INNER_MAX_ITER) & ~jnp.all(st[6])
+
+        def body(st):
+            z, v, g, h, lam, it, done, local = st
+            step = jax.vmap(lambda hh, gg, ll: jnp.linalg.solve(hh + ll * jnp.eye(R), gg))(h, g, lam)
+            # at most MAX_STEP standard deviations at once: a far step can reach parameters whose solve is slow
+            step = step * jnp.minimum(1.0, MAX_STEP / jnp.max(jnp.abs(step), axis=1, keepdims=True))
+            # the first pass evaluates the start itself (one traced evaluation keeps the compile short)
+            z_try = jnp.where(done[:, None] | (it == 0), z, z - step)
+            v_t, g_t, h_t, local_t = evaluate(z_try)
+            better = ((v_t <= v) | (it == 0)) & jnp.isfinite(v_t) & ~done
+            pick = lambda new, old: jnp.where(better.reshape((S,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+            no_gain = better & (it > 0) & (jnp.abs(v - v_t) <= 1e-14 * (1.0 + jnp.abs(v)))
+            z, v, g, h = pick(z_try, z), pick(v_t, v), pick(g_t, g), pick(h_t, h)
+            local = jax.tree.map(pick, local_t, local)
+            lam = jnp.where(it == 0, lam, jnp.clip(jnp.where(better, lam * 0.1, lam * 10.0), 1e-12, 1e12))
+            # the Newton decrement means something only where H is positive definite (else terms cancel)
+            positive = jnp.linalg.eigvalsh(h)[:, 0] > 0
+            decrement = jnp.einsum("sr,sr->s", g, jax.vmap(jnp.linalg.solve)(h, g))
+            converged = (jnp.max(jnp.abs(g), axis=1) <= INNER_GTOL) | (positive & (decrement <= INNER_DECREMENT))
+            failed = (it == 0) & ~jnp.isfinite(v_t)
+            return z, v, g, h, lam, it + 1, done | converged | no_gain | (lam >= 1e12) | failed, local
+
+        d = problem.design
+        grid = (S, len(d.observables), d.times.shape[1])
+        local0 = (jnp.zeros((S, len(problem.model.parameter_names))), jnp.zeros(grid),
+                  jnp.zeros(grid + (free.size,)), jnp.zeros(grid + (free.size, free.size)))
+        init = (z0, jnp.full(S, jnp.inf), jnp.zeros_like(z0), jnp.broadcast_to(jnp.eye(R), (S, R, R)),
+                jnp.full(S, 1e-3), 0, jnp.zeros(S, bool), local0)
+        z, v, g, _, _, it, _, local = jax.lax.while_loop(cond, body, init)
+        return z, local, jnp.isfinite(v), jnp.max(jnp.abs(g), axis=1), it
+
+    def marginal(u, z, local):
+        """-log L (and -log prior) from the local model at the modes; (S,) subject terms too."""
+        params = ob.constrain(u)
+        per = over_subjects(ob.conditional, params, z, local) + 0.5 * over_subjects(ob.log_det, params, z, local)
+        total = jnp.sum(per)
+        if use_priors:
+            total = total - sum(jnp.sum(problem.priors[s].log_prob(params[s])) for s in sites)
+        return total, per
+
+    def value_and_grad(u, z0):
+        params = jax.lax.stop_gradient(ob.constrain(u))
+        z, local, ok, gnorm, iterations = inner(params, z0)
+        local = jax.lax.stop_gradient(local)
+        (value, per), (g_u, g_z) = jax.value_and_grad(marginal, argnums=(0, 1), has_aux=True)(u, z, local)
+
+        # The modes move with psi: d z*/d psi = -H^-1 d(grad_z l)/d psi (implicit function theorem).
+        grad_l = jax.grad(ob.conditional, argnums=1)
+        hess_z = over_subjects(jax.hessian(ob.conditional, argnums=1), params, z, local)
+        w = jax.vmap(jnp.linalg.solve)(hess_z, g_z)
+        correction = jax.grad(lambda uu: jnp.sum(over_subjects(grad_l, ob.constrain(uu), z, local) * w))(u)
+        ok_all = jnp.all(ok) & jnp.isfinite(value)
+        return value, g_u - correction, z, ok_all, per, gnorm, iterations
+
+    return ob, jax.jit(value_and_grad), jax.jit(inner)
+
+
+# --- the fit ----------------------------------------------------------------------------------
+
+
+def start_values(problem: FitProblem) -> dict:
+    """Outer start: the model's typical values, its omegas (0.3 where it gives none), no covariate
+    effects, and each residual SD at its prior's median."""
+    values = dict(problem.model.values)
+    sigmas = {f(n) for n in problem.design.observables for f in (sigma_site, sigma_add_site)}
+    out = {}
+    for s, prior in problem.priors.items():
+        if s in problem.estimated:
+            out[s] = float(values[s])
+        elif any(s == omega_site(n) for n in problem.random):
+            name = next(n for n in problem.random if omega_site(n) == s)
+            out[s] = problem.model.parameter(name).omega or 0.3
+        elif s in sigmas:
+            out[s] = float(np.median(np.asarray(prior.sample(jax.random.PRNGKey(0), (2001,)))))
+        else:
+            out[s] = 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class LaplaceResult:
+    """Estimates and what was learnt on the way: ``values`` (site -> estimate), ``u`` (unconstrained),
+    ``z`` (S, R) modes, ``objective`` (-log L, + -log prior for a MAP), ``per_subject`` terms,
+    ``converged`` and ``message`` in plain words, ``covariance`` of ``u`` (or None), ``starts``
+    (objective of each start), and timings."""
+
+    values: dict
+    u: np.ndarray
+    z: np.ndarray
+    objective: float
+    per_subject: np.ndarray
+    converged: bool
+    message: str
+    covariance: np.ndarray | None
+    covariance_message: str
+    starts: tuple
+    sites: tuple
+    n_evaluations: int
+    compile_s: float
+    run_s: float
+
+
+def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0,
+             progress: bool = True) -> LaplaceResult:
+    """Maximise the Laplace marginal likelihood (or posterior, with ``settings.priors``) of
+    ``problem`` from ``settings.starts`` starts (default: ``Laplace()``); the best is kept."""
+    settings = Laplace() if settings is None else settings
+    from scipy.optimize import minimize
+
+    ob, value_and_grad, _ = build(problem, settings.priors)
+    S, R = problem.design.n_subjects, len(problem.random)
+    if R == 0:
+        raise InputError("method='laplace' integrates out random effects, and no parameter has variability; "
+                         "give variability=(...) or use method='nuts'")
+    u0 = np.asarray(ob.unconstrain(start_values(problem)))
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    compile_s = 0.0
+    state = {"z": jnp.zeros((S, R)), "n": 0}
+
+    def fun(u):
+        t = time.perf_counter()
+        value, grad, z, ok, *_ = value_and_grad(jnp.asarray(u), state["z"])
+        value = float(value)
+        if state["n"] == 0:
+            nonlocal compile_s
+            compile_s = time.perf_counter() - t
+        state["n"] += 1
+        if not bool(ok) or not np.isfinite(value):
+            return FAILED, np.zeros_like(u)  # finite: the line search then steps back
+        state["z"] = z
+        return value, np.asarray(grad)
+
+    results = []
+    bar = _progress(progress, settings.starts)
+    for k in range(settings.starts):
+        u_start = u0 if k == 0 else u0 + START_SPREAD * rng.standard_normal(u0.size)
+        state["z"] = jnp.zeros((S, R))
+        v_start, _ = fun(u_start)
+        if v_start >= FAILED:
+            results.append(None)
+            continue
+        # BFGS from a scaled identity: its first step moves the parameter with the largest gradient by
+        # FIRST_STEP on the unconstrained scale (the default, one gradient long, can reach parameters whose
+        # solves fail)
+        _, g_start = fun(u_start)
+        res = minimize(fun, u_start, jac=True, method="BFGS",
+                       options={"gtol": OUTER_GTOL, "maxiter": settings.max_iter,
+                                "hess_inv0": np.eye(u_start.size) * FIRST_STEP / max(np.abs(g_start).max(), 1e-12)})
+        # the modes at the optimum (BFGS may end on an earlier point than its last evaluation)
+        value, grad, z, ok, per, *_ = value_and_grad(jnp.asarray(res.x), state["z"])
+        results.append((float(value), np.asarray(res.x), np.asarray(z), np.asarray(per), np.asarray(grad), res))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    found = [r for r in results if r is not None and np.isfinite(r[0])]
+    if not found:
+        raise LaplaceError("no start gave a finite Laplace objective (every solve failed or the data are impossible "
+                           "at the starting values); check the data, fix parameters the data cannot identify, or "
+                           "start nearer the data with fixed=...")
+    value, u, z, per, grad, res = min(found, key=lambda r: r[0])
+    gnorm = float(np.max(np.abs(grad)))
+    converged = res.success or gnorm <= CONVERGED_GTOL
+    message = (f"converged: largest gradient component {gnorm:.2g} after {res.nit} BFGS iterations"
+               if converged else f"not converged: {res.message.rstrip('.')} (largest gradient component {gnorm:.2g} "
+                                 f"after {res.nit} iterations)")
+    cov, cov_message = None, "not computed"
+    if settings.covariance:
+        cov, cov_message = _covariance(lambda uu: value_and_grad(jnp.asarray(uu), jnp.asarray(z)), u)
+    values = {s: float(v) for s, v in ob.constrain(jnp.asarray(u)).items()}
+    return LaplaceResult(values, u, z, value, per, bool(converged), message, cov, cov_message,
+                         tuple(r[0] if r is not None else math.inf for r in results), ob.sites, state["n"],
+                         round(compile_s, 3), round(time.perf_counter() - t0 - compile_s, 3))
+
+
+def _covariance(value_and_grad, u):
+    """Inverse Hessian of -log L on the unconstrained scale, by central differences of the exact
+    gradient (symmetrised); None with the reason when it is not positive definite."""
+    n = u.size
+    hess = np.zeros((n, n))
+    for k in range(n):
+        step = np.zeros(n)
+        step[k] = FD_STEP * max(1.0, abs(u[k]))
+        g_plus = np.asarray(value_and_grad(u + step)[1])
+        g_minus = np.asarray(value_and_grad(u - step)[1])
+        hess[:, k] = (g_plus - g_minus) / (2 * step[k])
+    hess = 0.5 * (hess + hess.T)
+    if not np.all(np.isfinite(hess)):
+        return None, "the Hessian has non-finite entries (a solve failed next to the estimate)"
+    eig = np.linalg.eigvalsh(hess)
+    if eig.min() <= 0:
+        return None, (f"the Hessian is not positive definite (smallest eigenvalue {eig.min():.3g}): some parameters "
+                      "are not identified by these data; fix them or give priors (priors=True)")
+    return np.linalg.inv(hess), f"ok (condition number {eig.max() / eig.min():.3g})"
+
+
+def _progress(progress: bool, total: int):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="Laplace starts", leave=False)
+
+
+# --- residuals and the DataTree ------------------------------------------------------------------
+
+
+def cwres(problem: FitProblem, values: dict, z) -> np.ndarray:
+    """Conditional weighted residuals (FOCE linearisation at each subject's mode) of every record, in
+    the design's record order; NaN for BLQ records, which have no measured value.
+
+    On the error model's scale (log for log-additive): the subject's measured records are
+    centred on c(z*) - G z* (G = dc/dz at the mode: the model linearised around the mode and
+    evaluated at z = 0) with covariance G G' + diag(s^2), and whitened by its Cholesky factor."""
+    free = np.array([problem.model.parameter_names.index(n) for n in problem.estimated], int)
+    ob = _Objective(problem, tuple(problem.priors), free)
+    obs = _per_subject(problem)
+    params = {k: jnp.asarray(v) for k, v in values.items()}
+    errs = [problem.errors[n] for n in problem.design.observables]
+
+    def centre_sd(pred, o):
+        c = s = g_y = None
+        for k, (name, err) in enumerate(zip(problem.design.observables, errs)):
+            ck, sk = err.scale(jnp.maximum(pred, PREDICTION_FLOOR), params[sigma_site(name)],
+                               params.get(sigma_add_site(name), 0.0))
+            gk = err.g(jnp.where(o["blq"], 1.0, o["y"]))
+            pick = o["kind"] == k
+            c, s, g_y = ((ck, sk, gk) if c is None else
+                         (jnp.where(pick, ck, c), jnp.where(pick, sk, s), jnp.where(pick, gk, g_y)))
+        return c, s, g_y
+
+    def one(zz, local, o):
+        centre = lambda z1: centre_sd(ob.record_predictions(params, z1, local, o), o)[0]  # noqa: E731
+        c, sd, g_y = centre_sd(ob.record_predictions(params, zz, local, o), o)
+        measured = o["mask"] & ~o["blq"]
+        G = jnp.where(measured[:, None], jax.jacfwd(centre)(zz), 0.0)
+        r = jnp.where(measured, g_y - (c - G @ zz), 0.0)
+        cov = G @ G.T + jnp.diag(jnp.where(measured, sd**2, 1.0))
+        w = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(cov), r, lower=True)
+        return jnp.where(measured, w, jnp.nan)
+
+    @jax.jit
+    def run(z):
+        theta = ob.theta(params, z)
+        f, _, jac, hess = ob.taylor(theta, 1)
+        return jax.vmap(one)(z, (theta, f, jac, hess), obs)
+
+    grid = np.asarray(run(jnp.asarray(z)))
+    return _records(problem, grid)
+
+
+def _records(problem: FitProblem, grid: np.ndarray) -> np.ndarray:
+    """(S, M) per-subject values (as _per_subject lays them out) back in the design's record order."""
+    d = problem.design
+    order = np.argsort(d.obs_subject, kind="stable")
+    counts = np.bincount(d.obs_subject, minlength=d.n_subjects)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    subj = d.obs_subject[order]
+    out = np.empty(d.y.size)
+    out[order] = grid[subj, np.arange(d.y.size) - first[subj]]
+    return out
+
+
+def switch_with_variability(problem: FitProblem) -> list[str]:
+    """Parameters with variability that move the model's switch time (Stein's Tmax): with them the
+    Laplace objective has kinks wherever a subject's switch meets one of its observation times."""
+    model = problem.model
+    if not model.has_switch:
+        return []
+    base = dict(model.values)
+    t0 = float(model.switch_time(base))
+    return [n for n in problem.random if float(model.switch_time({**base, n: base[n] * 1.01})) != t0]
+
+
+def laplace_tree(problem: FitProblem, data, result: LaplaceResult, settings: dict, key):
+    """The fit's DataTree: the usual groups with the estimates as a single draw (so predictions,
+    plots, VPCs and what-ifs read it as they read a sampled fit), CWRES beside IPRED, and a
+    ``laplace`` group with the estimates table, the correlation matrix and the objective."""
+    import xarray as xr
+
+    from carkin.fitting.fit_results import to_datatree
+    from carkin.model.population import Z_SITE
+
+    draws = {s: np.array([[result.values[s]]]) for s in result.sites}
+    if problem.random:
+        draws[Z_SITE] = result.z[None, None]
+    res = cwres(problem, result.values, result.z)
+    extra = {"cwres": (res[None, None], {"units": "1", "long_name": "conditional weighted residual (FOCE-I)"})}
+    tree = to_datatree(problem, data, draws, None, settings, key, extra_posterior=extra)
+
+    sites = list(result.sites)
+    u = np.asarray(result.u)
+    transforms = [biject_to(problem.priors[s].support) for s in sites]
+    slope = np.array([float(jax.grad(lambda x, t=t: t(x))(jnp.asarray(v))) for t, v in zip(transforms, u)])
+    if result.covariance is not None:
+        se_u = np.sqrt(np.diag(result.covariance))
+        corr = result.covariance / np.outer(se_u, se_u)
+    else:
+        se_u, corr = np.full(len(sites), np.nan), np.full((len(sites), len(sites)), np.nan)
+    est = np.array([result.values[s] for s in sites])
+    se = np.abs(slope) * se_u
+    lower = np.array([float(t(jnp.asarray(a))) for t, a in zip(transforms, u - WALD_Z * se_u)])
+    upper = np.array([float(t(jnp.asarray(a))) for t, a in zip(transforms, u + WALD_Z * se_u)])
+    from carkin.fitting.diagnostics import shrinkage
+    from carkin.model.population import parameter_of_omega
+
+    shrink = shrinkage(tree)
+    meta = [problem.site_meta.get(s, ("", s)) for s in sites]
+    n_obs = int(problem.design.y.size)
+    ofv = float(2.0 * np.sum(result.per_subject))
+    table = xr.Dataset(
+        {"estimate": ("parameter", est, {"long_name": "estimate"}),
+         "se": ("parameter", se, {"long_name": "standard error (delta method from the unconstrained scale)"}),
+         "rse": ("parameter", 100 * se / np.abs(est), {"units": "%", "long_name": "relative standard error"}),
+         "lower": ("parameter", lower, {"long_name": "95% Wald interval, lower (on the unconstrained scale)"}),
+         "upper": ("parameter", upper, {"long_name": "95% Wald interval, upper (on the unconstrained scale)"}),
+         "shrinkage": ("parameter", [shrink.get(parameter_of_omega(s) or "", np.nan) for s in sites],
+                       {"units": "1", "long_name": "eta-shrinkage (1 - SD of the modes / omega)"}),
+         "correlation": (("parameter", "parameter_b"), corr, {"long_name": "correlation of the estimates "
+                                                                          "(unconstrained scale)"})},
+        coords={"parameter": sites, "parameter_b": sites,
+                "units": ("parameter", [m[0] for m in meta]), "description": ("parameter", [m[1] for m in meta])})
+    table.attrs.update(
+        approximation="Laplace with the FOCE-I information matrix (first-order conditional estimation with "
+                      "interaction)",
+        ofv=ofv, ofv_convention="-2 log-likelihood of the measurements in their own units, every constant included "
+                                "(a log-additive record's density is log-normal, so it holds -log y; NONMEM's OFV "
+                                f"of log-transformed data leaves out n log(2 pi) = {n_obs * LOG_2PI:.3f} and the "
+                                "log y terms)",
+        n_observations=n_obs, objective=float(result.objective), converged=int(result.converged),
+        convergence=result.message, covariance_step=result.covariance_message,
+        starts=json.dumps([None if not math.isfinite(v) else round(v, 6) for v in result.starts]),
+        n_evaluations=result.n_evaluations)
+    tree["laplace"] = xr.DataTree(table)
+    return tree
+
+
+WALD_Z = 1.959963984540054  # two-sided 95% normal quantile
+
+__all__ = ["Laplace", "LaplaceError", "LaplaceResult", "LaplaceWarning", "build", "cwres", "estimate",
+           "laplace_tree", "start_values", "switch_with_variability"]
