@@ -180,22 +180,30 @@ class _Objective:
         return w
 
 
-def _per_subject(problem: FitProblem) -> dict:
+def subject_observations(problem: FitProblem, data=None) -> dict:
+    """The measurements of ``problem`` (or of ``data``, another dataset on the same design) per
+    subject, padded (S, M), with each subject's covariate-effect row."""
     from carkin.fitting.posthoc import _per_subject_observations
 
     d = problem.design
+    if data is not None:
+        import dataclasses
+
+        problem = dataclasses.replace(problem, design=dataclasses.replace(
+            d, y=np.asarray(data[0], float), blq=np.asarray(data[1], bool), lloq=np.asarray(data[2], float)))
     obs = {k: jnp.asarray(v) for k, v in _per_subject_observations(problem).items()}
     obs["x"] = jnp.asarray(np.asarray(problem.x, float).reshape(d.n_subjects, -1))
     return obs
 
 
 def build(problem: FitProblem, use_priors: bool = False):
-    """Compiled functions of a Laplace fit: ``value_and_grad(u, z) -> (-log L (+ -log prior), its
-    gradient, modes, ok)`` and ``modes(u, z0)``."""
+    """Compiled functions of a Laplace fit, one compile per problem whatever its measurements:
+    ``value_and_grad(u, z0, obs) -> (-log L (+ -log prior), its gradient, modes, ok, per-subject terms,
+    modes' gradient norms, inner iterations)`` and ``inner(params, z0, obs)``; ``obs`` is the
+    per-subject layout of the measurements (:func:`subject_observations`)."""
     sites = tuple(problem.priors)
     free = np.array([problem.model.parameter_names.index(n) for n in problem.estimated], int)
     ob = _Objective(problem, sites, free)
-    obs = _per_subject(problem)
     R = len(problem.random)
 
     def locals_at(params, z, order):
@@ -203,7 +211,7 @@ def build(problem: FitProblem, use_priors: bool = False):
         f, ok, jac, hess = ob.taylor(theta, order)
         return (theta, f, jac, hess), ok
 
-    def over_subjects(fn, params, z, local):
+    def over_subjects(fn, params, z, local, obs):
         return jax.vmap(lambda zz, loc, o: fn(params, zz, loc, o))(z, local, obs)
 
     def value_grad_hessian(params, z, local, o):
@@ -215,7 +223,7 @@ def build(problem: FitProblem, use_priors: bool = False):
         h, (v, g) = jax.jacfwd(grad_with_value, has_aux=True)(z)
         return v, g, h
 
-    def inner(params, z0):
+    def inner(params, z0, obs):
         """Modes of every subject's conditional objective, all subjects at once: Newton steps on the
         local second-order model (one solve with second derivatives per iteration), damped
         Levenberg-Marquardt style: a step that does not lower l is retried with more damping.
@@ -223,7 +231,7 @@ def build(problem: FitProblem, use_priors: bool = False):
 
         def evaluate(z):
             local, ok = locals_at(params, z, 2)
-            value, grad, hess = over_subjects(value_grad_hessian, params, z, local)
+            value, grad, hess = over_subjects(value_grad_hessian, params, z, local, obs)
             return jnp.where(ok, value, jnp.inf), grad, hess, local
 
         S = z0.shape[0]
@@ -261,26 +269,33 @@ def build(problem: FitProblem, use_priors: bool = False):
         z, v, g, _, _, it, _, local = jax.lax.while_loop(cond, body, init)
         return z, local, jnp.isfinite(v), jnp.max(jnp.abs(g), axis=1), it
 
-    def marginal(u, z, local):
+    def marginal(u, z, local, obs):
         """-log L (and -log prior) from the local model at the modes; (S,) subject terms too."""
         params = ob.constrain(u)
-        per = over_subjects(ob.conditional, params, z, local) + 0.5 * over_subjects(ob.log_det, params, z, local)
+        per = (over_subjects(ob.conditional, params, z, local, obs)
+               + 0.5 * over_subjects(ob.log_det, params, z, local, obs))
         total = jnp.sum(per)
         if use_priors:
             total = total - sum(jnp.sum(problem.priors[s].log_prob(params[s])) for s in sites)
         return total, per
 
-    def value_and_grad(u, z0):
+    def value_and_grad(u, z0, obs):
         params = jax.lax.stop_gradient(ob.constrain(u))
-        z, local, ok, gnorm, iterations = inner(params, z0)
+        z, local, ok, gnorm, iterations = inner(params, z0, obs)
         local = jax.lax.stop_gradient(local)
-        (value, per), (g_u, g_z) = jax.value_and_grad(marginal, argnums=(0, 1), has_aux=True)(u, z, local)
+        # One more Newton step on the local model, which needs no solve: the modes' gradients fall from the
+        # stopping rule's ~1e-5 to ~1e-10, so the envelope theorem holds to that (the local model stays
+        # exact to second order over so short a step).
+        _, g_in, h_in = over_subjects(value_grad_hessian, params, z, local, obs)
+        positive = jnp.linalg.eigvalsh(h_in)[:, 0] > 0
+        z = z - jnp.where(positive[:, None], jax.vmap(jnp.linalg.solve)(h_in, g_in), 0.0)
+        (value, per), (g_u, g_z) = jax.value_and_grad(marginal, argnums=(0, 1), has_aux=True)(u, z, local, obs)
 
         # The modes move with psi: d z*/d psi = -H^-1 d(grad_z l)/d psi (implicit function theorem).
         grad_l = jax.grad(ob.conditional, argnums=1)
-        hess_z = over_subjects(jax.hessian(ob.conditional, argnums=1), params, z, local)
+        hess_z = over_subjects(jax.hessian(ob.conditional, argnums=1), params, z, local, obs)
         w = jax.vmap(jnp.linalg.solve)(hess_z, g_z)
-        correction = jax.grad(lambda uu: jnp.sum(over_subjects(grad_l, ob.constrain(uu), z, local) * w))(u)
+        correction = jax.grad(lambda uu: jnp.sum(over_subjects(grad_l, ob.constrain(uu), z, local, obs) * w))(u)
         ok_all = jnp.all(ok) & jnp.isfinite(value)
         return value, g_u - correction, z, ok_all, per, gnorm, iterations
 
@@ -332,18 +347,25 @@ class LaplaceResult:
     run_s: float
 
 
-def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0,
-             progress: bool = True) -> LaplaceResult:
+def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0, progress: bool = True,
+             measurements=None, compiled=None) -> LaplaceResult:
     """Maximise the Laplace marginal likelihood (or posterior, with ``settings.priors``) of
-    ``problem`` from ``settings.starts`` starts (default: ``Laplace()``); the best is kept."""
+    ``problem`` from ``settings.starts`` starts (default: ``Laplace()``); the best is kept.
+    ``measurements`` = (y, blq, lloq) on the problem's design replaces its own (replicate
+    datasets), and ``compiled`` (:func:`build`'s result) reuses one compile across them."""
     settings = Laplace() if settings is None else settings
     from scipy.optimize import minimize
 
-    ob, value_and_grad, _ = build(problem, settings.priors)
     S, R = problem.design.n_subjects, len(problem.random)
     if R == 0:
         raise InputError("method='laplace' integrates out random effects, and no parameter has variability; "
                          "give variability=(...) or use method='nuts'")
+    ob, compiled_vg, _ = compiled if compiled is not None else build(problem, settings.priors)
+    obs = subject_observations(problem, measurements)
+
+    def value_and_grad(u, z0):
+        return compiled_vg(u, z0, obs)
+
     u0 = np.asarray(ob.unconstrain(start_values(problem)))
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -440,16 +462,17 @@ def _progress(progress: bool, total: int):
 # --- residuals and the DataTree ------------------------------------------------------------------
 
 
-def cwres(problem: FitProblem, values: dict, z) -> np.ndarray:
+def cwres(problem: FitProblem, values: dict, z, measurements=None) -> np.ndarray:
     """Conditional weighted residuals (FOCE linearisation at each subject's mode) of every record, in
     the design's record order; NaN for BLQ records, which have no measured value.
 
     On the error model's scale (log for log-additive): the subject's measured records are
     centred on c(z*) - G z* (G = dc/dz at the mode: the model linearised around the mode and
-    evaluated at z = 0) with covariance G G' + diag(s^2), and whitened by its Cholesky factor."""
+    evaluated at z = 0) with covariance G G' + diag(s^2), and whitened by its Cholesky factor.
+    ``measurements`` = (y, blq, lloq) on the problem's design replaces its own."""
     free = np.array([problem.model.parameter_names.index(n) for n in problem.estimated], int)
     ob = _Objective(problem, tuple(problem.priors), free)
-    obs = _per_subject(problem)
+    obs = subject_observations(problem, measurements)
     params = {k: jnp.asarray(v) for k, v in values.items()}
     errs = [problem.errors[n] for n in problem.design.observables]
 
@@ -485,7 +508,7 @@ def cwres(problem: FitProblem, values: dict, z) -> np.ndarray:
 
 
 def _records(problem: FitProblem, grid: np.ndarray) -> np.ndarray:
-    """(S, M) per-subject values (as _per_subject lays them out) back in the design's record order."""
+    """(S, M) per-subject values (as subject_observations lays them out) back in the design's record order."""
     d = problem.design
     order = np.argsort(d.obs_subject, kind="stable")
     counts = np.bincount(d.obs_subject, minlength=d.n_subjects)
