@@ -59,7 +59,7 @@ def neg_log_marginal_aghq(data, truth, random, measurements, nodes):
         t = data.obs_time[rows] - data.dose_times[s, 0]
         ys, bs, ls = y[rows], blq[rows], lloq[rows]
 
-        def l(zz, rows=rows, t=t, ys=ys, bs=bs, ls=ls):
+        def objective(zz, rows=rows, t=t, ys=ys, bs=bs, ls=ls):
             p = {n: truth[n] for n in ORDER}
             for r, name in enumerate(random):
                 p[name] = truth[name] * np.exp(truth[f"omega_{name}"] * zz[r])
@@ -70,13 +70,14 @@ def neg_log_marginal_aghq(data, truth, random, measurements, nodes):
                           norm.logpdf(np.log(yy), np.log(f), sig) - np.log(yy))
             return -ll.sum() + 0.5 * zz @ zz
 
-        mode = minimize(l, np.zeros(R), method="BFGS", options={"gtol": 1e-10}).x
+        mode = minimize(objective, np.zeros(R), method="BFGS", options={"gtol": 1e-10}).x
         h = 1e-4
-        hess = np.array([[(l(mode + h * (ei + ej)) - l(mode + h * (ei - ej)) - l(mode - h * (ei - ej))
-                           + l(mode - h * (ei + ej))) / (4 * h * h) for ej in np.eye(R)] for ei in np.eye(R)])
+        at = lambda step, o=objective, m=mode: o(m + h * step)  # noqa: E731
+        hess = np.array([[(at(ei + ej) - at(ei - ej) - at(ej - ei) + at(-ei - ej)) / (4 * h * h) for ej in np.eye(R)]
+                         for ei in np.eye(R)])
         chol = np.linalg.cholesky(np.linalg.inv(hess))
         points = mode + np.sqrt(2.0) * grid @ chol.T
-        logs = np.array([-l(zp) for zp in points]) + np.sum(grid**2, axis=1) + np.log(weights)
+        logs = np.array([-objective(zp) for zp in points]) + np.sum(grid**2, axis=1) + np.log(weights)
         # integral of exp(-l) dz over R dims, with the N(0, I) prior's normaliser (2 pi)^(-R/2)
         log_int = (np.log(np.abs(np.linalg.det(chol))) + 0.5 * R * np.log(2.0) + np.logaddexp.reduce(logs)
                    - 0.5 * R * np.log(2 * np.pi))
