@@ -72,7 +72,7 @@ def neg_log_marginal_aghq(data, truth, random, measurements, nodes):
 
         mode = minimize(objective, np.zeros(R), method="BFGS", options={"gtol": 1e-10}).x
         h = 1e-4
-        at = lambda step, o=objective, m=mode: o(m + h * step)  # noqa: E731
+        at = lambda step, o=objective, m=mode, h=h: o(m + h * step)  # noqa: E731
         hess = np.array([[(at(ei + ej) - at(ei - ej) - at(ej - ei) + at(-ei - ej)) / (4 * h * h) for ej in np.eye(R)]
                          for ei in np.eye(R)])
         chol = np.linalg.cholesky(np.linalg.inv(hess))
