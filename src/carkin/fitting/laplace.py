@@ -370,7 +370,7 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     compile_s = 0.0
-    state = {"z": jnp.zeros((S, R)), "n": 0}
+    state: dict = {"z": jnp.zeros((S, R)), "n": 0}
 
     def fun(u):
         t = time.perf_counter()
@@ -385,7 +385,7 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
         state["z"] = z
         return value, np.asarray(grad)
 
-    results = []
+    results: list = []  # per start: (objective, u, z, per-subject terms, gradient, scipy result) or None
     bar = _progress(progress, settings.starts)
     for k in range(settings.starts):
         u_start = u0 if k == 0 else u0 + START_SPREAD * rng.standard_normal(u0.size)
