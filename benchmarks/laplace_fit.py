@@ -158,12 +158,11 @@ def nlme_comparison(data, truth, problem) -> dict:
     y = meas[0]
     carkin_loglik = -res.objective + 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [f"{data.ids[s]},{t - data.dose_times[s, 0]!r},{np.log(v)!r}"
+        rows = [f"{data.ids[s]},{float(t - data.dose_times[s, 0])!r},{float(np.log(v))!r}"
                 for s, t, v in zip(data.obs_subject, data.obs_time, y)]
         (Path(tmp) / "d.csv").write_text("id,t,ly\n" + "\n".join(rows) + "\n")
-        (Path(tmp) / "v.csv").write_text("fold,cmax,alpha,tmax,fb,beta\n"
-                                         + ",".join(repr(truth[n]) for n in ("fold", "cmax", "alpha", "tmax", "fb",
-                                                                              "beta")) + "\n")
+        names = ("fold", "cmax", "alpha", "tmax", "fb", "beta")
+        (Path(tmp) / "v.csv").write_text(",".join(names) + "\n" + ",".join(repr(float(truth[n])) for n in names) + "\n")
         (Path(tmp) / "fit.R").write_text(NLME_SCRIPT)
         out = subprocess.run(["Rscript", str(Path(tmp) / "fit.R"), str(Path(tmp) / "d.csv"), str(Path(tmp) / "v.csv")],
                              capture_output=True, text=True, check=True).stdout

@@ -6,7 +6,10 @@ back), so a saved fit can be diagnosed again without the original session.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -54,6 +57,7 @@ def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
     ess_bulk, ess_tail = _ess(post, "bulk"), _ess(post, "tail")
     shrink = shrinkage(tree)
     lo, hi = (1 - INTERVAL) / 2, 1 - (1 - INTERVAL) / 2
+    sens = prior_sensitivity(tree)
     rows = []
     for k in sites:
         v = post[k].values.ravel()
@@ -63,9 +67,49 @@ def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
             "median": np.median(v), f"q{lo * 100:g}": np.quantile(v, lo), f"q{hi * 100:g}": np.quantile(v, hi),
             "r_hat": rhat[k], "ess_bulk": ess_bulk[k], "ess_tail": ess_tail[k],
             "shrinkage": shrink.get(name, np.nan) if name else np.nan,
+            "prior_sensitivity": sens["prior"].get(k, np.nan),
+            "likelihood_sensitivity": sens["likelihood"].get(k, np.nan),
+            "prior_diagnosis": sens["diagnosis"].get(k, ""),
             "description": post[k].attrs.get("long_name", ""),
         })
     return pd.DataFrame(rows)
+
+
+PRIOR_SENSITIVITY_THRESHOLD = 0.05  # the power-scaling rule's default (Kallioinen et al. 2024, Stat Comput)
+
+
+def prior_sensitivity(tree: xr.DataTree) -> dict:
+    """Power-scaling sensitivity of each population parameter's posterior to its prior and to the
+    likelihood (ArviZ's psense: the cumulative Jensen-Shannon distance as the joint prior or the
+    likelihood is raised to a power near 1, by importance sampling of the existing draws).
+
+    Returns {"prior": site -> value, "likelihood": site -> value, "diagnosis": site -> text}; the
+    diagnosis is ArviZ's: "potential strong prior / weak likelihood" (the posterior is driven by
+    its prior) or "potential prior-data conflict" where values pass PRIOR_SENSITIVITY_THRESHOLD,
+    else a tick. Empty where
+    the fit has no ``log_prior`` group (fits saved before it) or too few draws."""
+    import arviz_stats
+
+    empty: dict = {"prior": {}, "likelihood": {}, "diagnosis": {}}
+    post = tree["posterior"].to_dataset()
+    if "log_prior" not in tree.children or post.sizes["chain"] * post.sizes["draw"] < 100:
+        return empty
+    sites = population_sites(tree)
+    ll = flat_values(tree, "log_likelihood", "dv")
+    flat = xr.DataTree.from_dict({
+        "posterior": post[sites],
+        "log_prior": tree["log_prior"].to_dataset(),
+        "log_likelihood": xr.Dataset({"all": (("chain", "draw", FLAT_DIM), ll)},
+                                     coords={"chain": post["chain"], "draw": post["draw"]})})
+    with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # (it prints its own advice; carkin words it as a FitWarning)
+        table = arviz_stats.psense_summary(flat, threshold=PRIOR_SENSITIVITY_THRESHOLD, round_to=6)
+    out = dict(empty, prior={}, likelihood={}, diagnosis={})
+    for label, row in table.iterrows():
+        out["prior"][str(label)] = float(row["prior"])
+        out["likelihood"][str(label)] = float(row["likelihood"])
+        out["diagnosis"][str(label)] = str(row["diagnosis"])
+    return out
 
 
 def loo(tree: xr.DataTree):

@@ -114,6 +114,13 @@ def to_datatree(problem: FitProblem, data: StudyData, draws: dict, stats, settin
         groups["sample_stats"] = xr.Dataset(
             {k: (("chain", "draw"), v, {"units": meta[k][0], "long_name": meta[k][1]}) for k, v in stats.items()},
             coords=base)
+    # the joint log prior of the population parameters (the random effects' N(0, 1) is part of the model):
+    # what power-scaling sensitivity scales (carkin.fitting.diagnostics.prior_sensitivity)
+    log_prior = sum(np.asarray(prior.log_prob(jnp.asarray(draws[site]))) for site, prior in problem.priors.items())
+    groups["log_prior"] = xr.Dataset(
+        {"lprior": (("chain", "draw"), np.broadcast_to(log_prior, (chains, n_draw)),
+                    {"units": "1", "long_name": "joint log prior density of the population parameters"})},
+        coords=base)
     groups["log_likelihood"] = xr.Dataset(
         {"dv": (("chain", "draw", "obs"), loglik, {"units": "1", "long_name": "pointwise log-likelihood "
                                                    "(censored where BLQ)"})}, coords={**base, **obs_coords})

@@ -158,9 +158,25 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                 "svi_steps": nuts.svi_steps if nuts else svi.steps, "svi_draws": svi.draws,
                 "fit_time_s": round(elapsed, 3), "devices": jax.local_device_count(), **timing}
     tree = to_datatree(problem, data, draws, stats, settings, k_post)
-    for message in convergence_report(tree):
+    for message in convergence_report(tree) + prior_report(tree):
         warnings.warn(message, FitWarning, stacklevel=2)
     return tree
+
+
+def prior_report(tree: xr.DataTree) -> list[str]:
+    """Population parameters whose posterior moves with the prior (power-scaling sensitivity), in words."""
+    from carkin.fitting.diagnostics import PRIOR_SENSITIVITY_THRESHOLD, prior_sensitivity
+
+    sens = prior_sensitivity(tree)
+    flagged = [f"{site} ({sens['diagnosis'][site]}: prior {sens['prior'][site]:.3f}, likelihood "
+               f"{sens['likelihood'][site]:.3f})"
+               for site, diagnosis in sens["diagnosis"].items() if "prior" in diagnosis]
+    if not flagged:
+        return []
+    return [f"power-scaling sensitivity above {PRIOR_SENSITIVITY_THRESHOLD} to the prior for {', '.join(flagged)}: "
+            "these posteriors move when the prior is scaled, so they reflect the prior as well as the data (with "
+            "a weak likelihood, mostly the prior); check them against a wider prior (priors=...), fix what the data "
+            "cannot identify, or report them as prior-informed"]
 
 
 def _laplace(problem: FitProblem, data: StudyData, settings: Laplace, seed: int, progress: bool, key) -> xr.DataTree:
