@@ -76,3 +76,30 @@ def test_fit_argument_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "only parameters with variability" in err
     code, _, err = run(capsys, "vpc", str(tmp_path / "missing"))
     assert code == 2 and "no fit found" in err
+
+
+@pytest.mark.slow
+def test_fit_method_laplace_prints_estimates_ofv_and_writes_plots(tmp_path, capsys):
+    src = pd.read_csv(DATA / "stein_sim.csv")
+    src[src["ID"] <= 12].to_csv(tmp_path / "small.csv", index=False)
+    (tmp_path / "small.toml").write_text((DATA / "stein_sim.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "lap"
+    code, stdout, err = run(capsys, "fit", str(tmp_path / "small.csv"), "--model", "stein_2019", "--out", str(out),
+                            "--method", "laplace", "--estimate", "cmax,alpha", "--variability", "cmax",
+                            "--starts", "2", "--quiet")
+    assert code == 0, err
+    assert "rse_percent" in stdout and "shrinkage" in stdout and "OFV " in stdout and "converged:" in stdout
+    table = pd.read_csv(out / "parameters.csv")
+    assert list(table["parameter"]) == ["cmax", "alpha", "omega_cmax", "sigma_car_copies"]
+    assert (table["se"] > 0).all()
+    for name in ("fit.nc", "individual_fits.png", "gof.png", "vpc.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+
+def test_laplace_without_random_effects_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "fit", str(DATA / "stein_sim.csv"), "--model", "stein_2019", "--out",
+                       str(tmp_path / "o"), "--method", "laplace", "--estimate", "cmax", "--variability", "")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no parameter has variability" in err, err
+    code, _, err = run(capsys, "fit", str(DATA / "stein_sim.csv"), "--model", "stein_2019", "--out",
+                       str(tmp_path / "o"), "--method", "laplace", "--starts", "0")
+    assert code == 2 and "--starts must be >= 1" in err, err
