@@ -42,6 +42,7 @@ from carkin.fitting.fit_problem import make_problem  # noqa: E402
 ck.configure(compilation_cache=False)
 
 ROOT = Path(__file__).resolve().parents[1]
+STEIN = ck.load_model("stein_2019")
 ORDER = ("fold", "tmax", "cmax", "alpha", "fb", "beta")
 RANDOM = ("cmax", "alpha")
 NLME_SCRIPT = r"""
@@ -75,13 +76,9 @@ cat(sprintf("loglik %.10g\nseconds %.4g\nversion %s\n", as.numeric(logLik(m)), e
 """
 
 
-def stein_numpy(t, p):
-    """Stein et al. 2019's closed form, in numpy (as tests/test_posthoc.py writes it)."""
-    rho = np.log(p["fold"]) / p["tmax"]
-    after = np.maximum(t - p["tmax"], 0.0)
-    late = p["cmax"] * ((1 - p["fb"]) * np.exp(-p["alpha"] * after) + p["fb"] * np.exp(-p["beta"] * after))
-    early = p["cmax"] / p["fold"] * np.exp(rho * np.minimum(t, p["tmax"]))
-    return np.where(t < p["tmax"], early, late)
+def stein(t, p):
+    """Stein et al. 2019's closed form (the library model's own) at days ``t`` after the infusion."""
+    return np.asarray(STEIN.closed_form(np.asarray(t, float), {k: float(v) for k, v in p.items()}))
 
 
 def simulate(data, truth, seed):
@@ -92,7 +89,7 @@ def simulate(data, truth, seed):
         for name in RANDOM:
             p[name] = truth[name] * np.exp(truth[f"omega_{name}"] * rng.standard_normal())
         rows = data.obs_subject == s
-        f = stein_numpy(data.obs_time[rows] - data.dose_times[s, 0], p)
+        f = stein(data.obs_time[rows] - data.dose_times[s, 0], p)
         y[rows] = f * np.exp(truth["sigma_car_copies"] * rng.standard_normal(rows.sum()))
     return y, np.zeros(y.size, bool), np.ones(y.size)
 

@@ -11,6 +11,14 @@ from carkin.cli import main
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
+def small_copy(tmp_path, n_subjects: int) -> Path:
+    """The first subjects of the shipped Stein dataset, with its sidecar: short runs."""
+    src = pd.read_csv(DATA / "stein_sim.csv")
+    src[src["ID"] <= n_subjects].to_csv(tmp_path / "small.csv", index=False)
+    (tmp_path / "small.toml").write_text((DATA / "stein_sim.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    return tmp_path / "small.csv"
+
+
 def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -19,12 +27,9 @@ def run(capsys, *argv):
 
 @pytest.mark.slow
 def test_fit_then_vpc_write_their_files(tmp_path, capsys):
-    # A 6-subject copy of the shipped dataset keeps the run short; the sidecar travels with it.
-    src = pd.read_csv(DATA / "stein_sim.csv")
-    src[src["ID"] <= 6].to_csv(tmp_path / "small.csv", index=False)
-    (tmp_path / "small.toml").write_text((DATA / "stein_sim.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    small = small_copy(tmp_path, 6)
     out = tmp_path / "fit"
-    code, stdout, err = run(capsys, "fit", str(tmp_path / "small.csv"), "--model", "stein_2019", "--out", str(out),
+    code, stdout, err = run(capsys, "fit", str(small), "--model", "stein_2019", "--out", str(out),
                             "--method", "svi", "--svi-steps", "200", "--quiet")
     assert code == 0, err
     for name in ("fit.nc", "parameters.csv", "individual_fits.png", "gof.png", "vpc.png"):
@@ -46,7 +51,7 @@ def test_fit_then_vpc_write_their_files(tmp_path, capsys):
     assert set(vpc["statistic"]) == {"p05", "p50", "p95", "frac_blq"}
 
     # A new fit over the folder replaces the whole set: no plot or VPC of the earlier fit stays beside it.
-    code, _, err = run(capsys, "fit", str(tmp_path / "small.csv"), "--model", "stein_2019", "--out", str(out),
+    code, _, err = run(capsys, "fit", str(small), "--model", "stein_2019", "--out", str(out),
                        "--method", "svi", "--svi-steps", "50", "--quiet", "--no-plots", "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["fit.nc", "parameters.csv"]
@@ -80,11 +85,8 @@ def test_fit_argument_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fit_method_laplace_prints_estimates_ofv_and_writes_plots(tmp_path, capsys):
-    src = pd.read_csv(DATA / "stein_sim.csv")
-    src[src["ID"] <= 12].to_csv(tmp_path / "small.csv", index=False)
-    (tmp_path / "small.toml").write_text((DATA / "stein_sim.toml").read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "lap"
-    code, stdout, err = run(capsys, "fit", str(tmp_path / "small.csv"), "--model", "stein_2019", "--out", str(out),
+    code, stdout, err = run(capsys, "fit", str(small_copy(tmp_path, 12)), "--model", "stein_2019", "--out", str(out),
                             "--method", "laplace", "--estimate", "cmax,alpha", "--variability", "cmax",
                             "--starts", "2", "--quiet")
     assert code == 0, err
