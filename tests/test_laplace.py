@@ -225,3 +225,16 @@ def test_prior_sensitivity_names_a_prior_driven_parameter(stein):
     assert table.loc["sigma_car_copies", "prior_sensitivity"] < 0.05
     messages = [str(w.message) for w in caught if issubclass(w.category, ck.FitWarning)]
     assert any("power-scaling" in m and "fold (" in m for m in messages), messages
+
+
+def test_nuts_can_start_at_the_laplace_estimates(stein):
+    data, truth, model = stein
+    small = data.subset(data.ids[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ck.FitWarning)  # 30 draws: the ESS warning is expected
+        tree = ck.fit(model, small, estimate=("cmax", "alpha"), variability=("cmax",), init="laplace", chains=1,
+                      warmup=30, samples=30, progress=False)
+    settings = __import__("json").loads(tree.attrs["settings"])
+    assert settings["init"] == "laplace" and tree["posterior"].sizes["draw"] == 30
+    with pytest.raises(InputError, match="init must be one of"):
+        ck.NUTS(init="mode")

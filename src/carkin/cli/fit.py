@@ -64,7 +64,7 @@ def _cmd_fit(args) -> int:
             tree = ck.fit(model, data, sampler=ck.Laplace(starts=args.starts, priors=args.map), **common)
         else:
             tree = ck.fit(model, data, method=args.method, chains=args.chains, warmup=args.warmup,
-                          samples=args.samples, svi_steps=args.svi_steps, **common)
+                          samples=args.samples, svi_steps=args.svi_steps, init=args.init, **common)
     _print_warnings(w for w in caught if issubclass(w.category, UserWarning))
     elapsed = time.perf_counter() - t0
     tree.attrs["history"] = "carkin fit " + " ".join(args.argv)
@@ -151,6 +151,9 @@ def add_parser(sub, fmt) -> None:
                    help="nuts: full posterior (default); svi: quick variational approximation; laplace: maximum "
                         "likelihood with the random effects integrated out (FOCE-I): estimates, SE/RSE%%, OFV, "
                         "shrinkage and CWRES in minutes")
+    p.add_argument("--init", choices=("median", "svi", "laplace"), default="median",
+                   help="where NUTS chains start: prior medians (default), an SVI fit, or a Laplace fit (quickest "
+                        "for ODE models)")
     p.add_argument("--starts", type=int, default=3, help="Laplace: optimisations from different starts; the best "
                    "is kept (default %(default)s)")
     p.add_argument("--map", action="store_true", help="Laplace: add the log prior (a MAP estimate)")

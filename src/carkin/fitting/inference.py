@@ -100,7 +100,8 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
     likelihood with each subject's random effects integrated out by the Laplace approximation
     (FOCE-I; carkin.fitting.laplace): estimates with standard errors, the objective function value,
     individual estimates (the modes) and CWRES, in minutes. ``init`` is where NUTS chains
-    start: ``median`` (prior medians) or ``svi`` (the variational fit's medians).
+    start: ``median`` (prior medians), ``svi`` (the variational fit's medians) or ``laplace`` (a
+    Laplace fit's estimates and modes).
     The chains run as one compiled program split over every device (each CPU core is one),
     with the same draws however many devices there are.
 
@@ -144,7 +145,7 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
         draws, mode = _svi(problem, k_fit, steps, n_svi, progress)
     stats, timing = None, {}
     if nuts is not None:
-        start = mode if nuts.init == "svi" else None
+        start = mode if nuts.init == "svi" else _laplace_start(problem, seed) if nuts.init == "laplace" else None
         draws, stats, timing = _nuts(problem, k_fit, nuts.chains, nuts.warmup, nuts.samples, nuts.target_accept,
                                      nuts.max_tree_depth, start, progress)
     elapsed = time.perf_counter() - t0
@@ -177,6 +178,20 @@ def prior_report(tree: xr.DataTree) -> list[str]:
             "these posteriors move when the prior is scaled, so they reflect the prior as well as the data (with "
             "a weak likelihood, mostly the prior); check them against a wider prior (priors=...), fix what the data "
             "cannot identify, or report them as prior-informed"]
+
+
+def _laplace_start(problem: FitProblem, seed: int) -> dict:
+    """NUTS's start at a Laplace fit (one start, no covariance step): population estimates and, for
+    non-centred random effects, the modes."""
+    from carkin.fitting import laplace
+
+    if not problem.random:
+        raise InputError("init='laplace' needs parameters with variability; use init='median'")
+    result = laplace.estimate(problem, Laplace(starts=1, covariance=False), seed=seed, progress=False)
+    start = {s: np.asarray(v) for s, v in result.values.items()}
+    if not problem.centred:
+        start[Z_SITE] = np.asarray(result.z)
+    return start
 
 
 def _laplace(problem: FitProblem, data: StudyData, settings: Laplace, seed: int, progress: bool, key) -> xr.DataTree:

@@ -17,11 +17,15 @@ def _whole(owner: str, name: str, value, minimum: int = 1) -> None:
         raise InputError(f"{owner}: {name} must be a whole number >= {minimum}, got {value!r}")
 
 
+NUTS_STARTS = ("median", "svi", "laplace")
+
+
 @dataclass(frozen=True)
 class NUTS:
     """NumPyro's NUTS: ``chains`` chains of ``warmup`` adaptation and ``samples`` kept draws each,
-    started at the prior medians (``init="median"``) or at an SVI fit's medians (``init="svi"``,
-    after ``svi_steps`` steps)."""
+    started at the prior medians (``init="median"``), at a Laplace fit's estimates and modes
+    (``init="laplace"``: quickest into the typical set of an ODE model) or at an SVI fit's
+    medians (``init="svi"``, after ``svi_steps`` steps)."""
 
     chains: int = 4
     warmup: int = 500
@@ -37,8 +41,8 @@ class NUTS:
         if not (isinstance(self.target_accept, (int, float)) and 0 < self.target_accept < 1
                 and math.isfinite(self.target_accept)):
             raise InputError(f"NUTS: target_accept must lie in (0, 1), got {self.target_accept!r}")
-        if self.init not in ("median", "svi"):
-            raise InputError(f"init must be 'median' or 'svi', got {self.init!r}")
+        if self.init not in NUTS_STARTS:
+            raise InputError(f"init must be one of {', '.join(NUTS_STARTS)}, got {self.init!r}")
 
     @property
     def n_draws(self) -> int:
@@ -93,7 +97,7 @@ def from_arguments(method: str, chains, warmup, samples, target_accept, max_tree
     if method == "laplace":
         return Laplace()
     if method == "svi":
-        if init not in ("median", "svi"):
-            raise InputError(f"init must be 'median' or 'svi', got {init!r}")
+        if init not in NUTS_STARTS:
+            raise InputError(f"init must be one of {', '.join(NUTS_STARTS)}, got {init!r}")
         return SVI(int(svi_steps), int(svi_draws))
     return NUTS(int(chains), int(warmup), int(samples), target_accept, int(max_tree_depth), init, int(svi_steps))
