@@ -169,7 +169,8 @@ def scipy_ode_objective(model, data, subject, population, random=ODE_RANDOM, rto
 
 
 @pytest.mark.slow  # compiles the forward-mode Hessian through the ODE solve (about a minute)
-def test_ode_individual_estimates_match_scipy():
+@pytest.mark.parametrize("engine", ["ensemble", "diffrax"])
+def test_ode_individual_estimates_match_scipy(engine):
     """An ODE model: derivatives of the solve in forward mode (the Hessian included) find the
     MAP that a derivative-free scipy search finds on an objective written out independently."""
     data = ck.read_dataset(CD7_DATA)
@@ -180,7 +181,7 @@ def test_ode_individual_estimates_match_scipy():
     model = model.with_values(**{k: v for k, v in truth.items() if k in dict(model.values)})
     problem = make_problem(model, data, estimate=ODE_RANDOM, variability=ODE_RANDOM)
     population = {s: truth[s] for s in problem.priors}
-    est = individual_estimates(problem, population, starts=2, progress=False)
+    est = individual_estimates(problem, population, starts=2, progress=False, engine=engine)
     assert bool(est["converged"].all())
     for s in range(data.n_subjects):
         objective = scipy_ode_objective(model, data, s, population)

@@ -180,6 +180,17 @@ class _Objective:
         return w
 
 
+def conditional_derivatives(ob: _Objective, params, z, local, obs):
+    """One subject's conditional objective l(z), its gradient and its Hessian in z (on the local
+    model ``local``), from one trace."""
+    def grad_with_value(zz):
+        v, g = jax.value_and_grad(ob.conditional, argnums=1)(params, zz, local, obs)
+        return g, (v, g)
+
+    h, (v, g) = jax.jacfwd(grad_with_value, has_aux=True)(z)
+    return v, g, h
+
+
 def subject_observations(problem: FitProblem, data=None) -> dict:
     """The measurements of ``problem`` (or of ``data``, another dataset on the same design) per
     subject, padded (S, M), with each subject's covariate-effect row."""
@@ -215,13 +226,7 @@ def build(problem: FitProblem, use_priors: bool = False):
         return jax.vmap(lambda zz, loc, o: fn(params, zz, loc, o))(z, local, obs)
 
     def value_grad_hessian(params, z, local, o):
-        """l, its gradient and its Hessian in z, from one trace."""
-        def grad_with_value(zz):
-            v, g = jax.value_and_grad(ob.conditional, argnums=1)(params, zz, local, o)
-            return g, (v, g)
-
-        h, (v, g) = jax.jacfwd(grad_with_value, has_aux=True)(z)
-        return v, g, h
+        return conditional_derivatives(ob, params, z, local, o)
 
     def inner(params, z0, obs):
         """Modes of every subject's conditional objective, all subjects at once: Newton steps on the
