@@ -6,7 +6,8 @@
 data/cd7_sim.csv (both observables, BLQ records on both), random effects on rho, k_kill, d_e
 and f_blood at the dataset's true population values. carkin.posthoc.individual_estimates
 takes value, gradient and Hessian in forward mode through the solve (8 starts per subject,
-the best kept), on every CPU device. The baseline is what a user would otherwise write:
+the best kept): by default all subjects in one ensemble solve per Newton step (``--engine
+diffrax``: a vectorised diffrax solve per subject, on every CPU device). The baseline is what a user would otherwise write:
 scipy's Nelder-Mead on an objective whose states come from solve_ivp (LSODA, rtol 1e-6,
 atol 1e-6, carkin's own tolerances), one subject after another, from z = 0 (the objective of
 tests/test_posthoc.py). Accuracy: the same objective at tight tolerances (rtol 1e-10) is
@@ -46,6 +47,7 @@ SAME_OPTIMUM = 1e-6  # objectives closer than this count as the same optimum
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scipy-subjects", type=int, default=10)
+    ap.add_argument("--engine", default="auto", choices=("auto", "ensemble", "diffrax"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posthoc_ode.json"))
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -59,13 +61,13 @@ def main(argv=None):
     omega = np.array([population[f"omega_{n}"] for n in RANDOM])
 
     t0 = time.perf_counter()
-    est = individual_estimates(problem, population, progress=False)
+    est = individual_estimates(problem, population, progress=False, engine=a.engine)
     wall = time.perf_counter() - t0
     eta = np.stack([est[f"eta_{n}"].values for n in RANDOM], axis=1)
     carkin = {"subjects": data.n_subjects, "devices": jax.local_device_count(), "wall_s": round(wall, 1),
               "compile_s": est.attrs["compile_s"], "run_s": est.attrs["run_s"],
               "subjects_per_s_after_compile": round(data.n_subjects / est.attrs["run_s"], 2),
-              "converged": int(est["converged"].sum())}
+              "converged": int(est["converged"].sum()), "engine": est.attrs["engine"]}
     print(f"carkin: {carkin}", flush=True)
 
     n_ref = min(a.scipy_subjects, data.n_subjects)
