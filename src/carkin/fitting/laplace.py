@@ -1,6 +1,5 @@
 """Maximum-likelihood population estimates with the random effects integrated out by the Laplace
-approximation (FOCE with interaction), as NONMEM's FOCE-I, Monolix's linearisation or nlmixr2's
-FOCEi give them.
+approximation (FOCE with interaction), as NONMEM's FOCE-I or nlmixr2's FOCEi give them.
 
 For subject i with standardised random effects z_i (eta = omega * z) and population parameters
 psi (typical values, omegas, covariate coefficients, residual errors):
@@ -20,8 +19,8 @@ parameters, so one forward-mode solve carrying first and second derivatives with
 (the ensemble engine, or a closed form) gives a local quadratic model of the predictions that is
 exact to second order at the mode. The objective's gradient is then ordinary reverse mode on that
 model, with the modes' own movement (d z*/d psi) by the implicit function theorem; no third
-derivative of an ODE solution is needed. The modes are damped Gauss-Newton solves of all subjects
-at once, warm-started from the previous outer iterate.
+derivative of an ODE solution is needed. The modes are damped Newton solves on that local model,
+all subjects at once (one solve per step), warm-started from the previous outer iterate.
 
 The outer optimiser is BFGS (scipy) on the unconstrained scale of every population parameter:
 the modes carried between its steps are state that a pure JAX optimiser loop cannot keep, and a
@@ -65,10 +64,6 @@ FAILED = 1e300  # objective reported to the optimiser where a solve fails
 
 class LaplaceError(CarkinError, RuntimeError):
     """The Laplace fit failed numerically (no start with a finite objective)."""
-
-
-class LaplaceWarning(UserWarning):
-    """A Laplace fit's result needs care: not converged, or its covariance step failed."""
 
 
 # --- the objective ------------------------------------------------------------------------------
@@ -358,9 +353,9 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
     ``problem`` from ``settings.starts`` starts (default: ``Laplace()``); the best is kept.
     ``measurements`` = (y, blq, lloq) on the problem's design replaces its own (replicate
     datasets), and ``compiled`` (:func:`build`'s result) reuses one compile across them."""
-    settings = Laplace() if settings is None else settings
     from scipy.optimize import minimize
 
+    settings = Laplace() if settings is None else settings
     S, R = problem.design.n_subjects, len(problem.random)
     if R == 0:
         raise InputError("method='laplace' integrates out random effects, and no parameter has variability; "
@@ -376,6 +371,7 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
     t0 = time.perf_counter()
     compile_s = 0.0
     state: dict = {"z": jnp.zeros((S, R)), "n": 0}
+    bar = _progress(progress, settings.starts)
 
     def fun(u):
         t = time.perf_counter()
@@ -388,21 +384,21 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
         if not bool(ok) or not np.isfinite(value):
             return FAILED, np.zeros_like(u)  # finite: the line search then steps back
         state["z"] = z
+        if bar is not None:
+            bar.set_postfix(objective=f"{value:.4f}", evaluations=state["n"], refresh=False)
         return value, np.asarray(grad)
 
     results: list = []  # per start: (objective, u, z, per-subject terms, gradient, scipy result) or None
-    bar = _progress(progress, settings.starts)
     for k in range(settings.starts):
         u_start = u0 if k == 0 else u0 + START_SPREAD * rng.standard_normal(u0.size)
         state["z"] = jnp.zeros((S, R))
-        v_start, _ = fun(u_start)
+        v_start, g_start = fun(u_start)
         if v_start >= FAILED:
             results.append(None)
             continue
         # BFGS from a scaled identity: its first step moves the parameter with the largest gradient by
         # FIRST_STEP on the unconstrained scale (the default, one gradient long, can reach parameters whose
         # solves fail)
-        _, g_start = fun(u_start)
         res = minimize(fun, u_start, jac=True, method="BFGS",
                        options={"gtol": OUTER_GTOL, "maxiter": settings.max_iter,
                                 "hess_inv0": np.eye(u_start.size) * FIRST_STEP / max(np.abs(g_start).max(), 1e-12)})
@@ -600,5 +596,5 @@ def laplace_tree(problem: FitProblem, data, result: LaplaceResult, settings: dic
 
 WALD_Z = 1.959963984540054  # two-sided 95% normal quantile
 
-__all__ = ["Laplace", "LaplaceError", "LaplaceResult", "LaplaceWarning", "build", "cwres", "estimate",
+__all__ = ["Laplace", "LaplaceError", "LaplaceResult", "build", "cwres", "estimate",
            "laplace_tree", "start_values", "switch_with_variability"]
