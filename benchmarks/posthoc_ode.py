@@ -8,10 +8,11 @@ and f_blood at the dataset's true population values. carkin.posthoc.individual_e
 takes value, gradient and Hessian in forward mode through the solve (8 starts per subject,
 the best kept): by default all subjects in one ensemble solve per Newton step
 (``--engine diffrax``: a vectorised diffrax solve per subject, on every CPU device). The
-baseline is what a user would otherwise write: scipy's Nelder-Mead on an objective whose states come from solve_ivp (LSODA, rtol 1e-6,
-atol 1e-6, carkin's own tolerances), one subject after another, from z = 0 (the objective of
-tests/test_posthoc.py). Accuracy: the same objective at tight tolerances (rtol 1e-10) is
-evaluated at both answers, and the largest difference in eta where both found the same optimum.
+baseline is what a user would otherwise write: scipy's Nelder-Mead on an objective whose
+states come from solve_ivp (LSODA, rtol 1e-6, atol 1e-6, carkin's own tolerances), one
+subject after another, from z = 0 (the objective of tests/test_posthoc.py). Accuracy: the
+same objective at tight tolerances (rtol 1e-10) is evaluated at both answers, and the
+largest difference in eta where both found the same optimum.
 
 Writes a JSON record to benchmarks/results/posthoc_ode.json.
 """
