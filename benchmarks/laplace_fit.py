@@ -15,6 +15,7 @@ with R's nlme on the same data and model, in one run.
 3. nlme: one such dataset, fitted by carkin and by R's nlme (maximum likelihood, Lindstrom-Bates)
    with the same model on log y; estimates and log-likelihoods side by side (nlme's is of log y:
    carkin's plus the sum of log y).
+4. NUTS: Laplace estimates against NUTS posterior medians (4 x 1000 + 1000) on stein_sim.csv.
 
 Writes benchmarks/results/laplace_fit.json.
 """
@@ -179,11 +180,36 @@ def nlme_comparison(data, truth, problem) -> dict:
             "loglik_difference": float(carkin_loglik + np.sum(np.log(y)) - nlme["loglik"])}
 
 
+def nuts_comparison() -> dict:
+    """Laplace estimates against NUTS posterior medians on stein_sim.csv (variability on all but tmax),
+    for the parameters the data identify well (Laplace RSE below 25%)."""
+    model = ck.load_model("stein_2019")
+    data = ck.read_dataset(ROOT / "data" / "stein_sim.csv")
+    variability = ("fold", "cmax", "alpha", "fb", "beta")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lap = ck.fit(model, data, variability=variability, method="laplace", progress=False)
+        t0 = time.perf_counter()
+        post = ck.fit(model, data, variability=variability, chains=4, warmup=1000, samples=1000, seed=1,
+                      progress=False)
+        nuts_s = time.perf_counter() - t0
+    table = lap["laplace"].to_dataset()
+    rows = {}
+    for p, est, rse in zip(table["parameter"].values, table["estimate"].values, table["rse"].values):
+        median = float(post["posterior"][str(p)].median())
+        rows[str(p)] = {"laplace": float(est), "laplace_rse_percent": round(float(rse), 2), "nuts_median": median,
+                        "relative_difference": round(float(est) / median - 1, 4), "well_identified": bool(rse < 25)}
+    return {"parameters": rows, "nuts_wall_s": round(nuts_s, 1),
+            "warnings": [str(w.message)[:160] for w in caught if issubclass(w.category, UserWarning)]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicates", type=int, default=50)
     ap.add_argument("--skip-nlme", action="store_true")
     ap.add_argument("--skip-timings", action="store_true")
+    ap.add_argument("--skip-coverage", action="store_true")
+    ap.add_argument("--skip-nuts", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "laplace_fit.json"))
     a = ap.parse_args(argv)
     record = {"machine": machine(), "command": "python benchmarks/laplace_fit.py " + " ".join(argv or sys.argv[1:])}
@@ -193,14 +219,18 @@ def main(argv=None) -> int:
     data = ck.read_dataset(ROOT / "data" / "stein_sim.csv")
     truth = dict(data.meta["generation"]["true_values"])
     problem = make_problem(ck.load_model("stein_2019"), data, estimate=("fold", "cmax", "alpha"), variability=RANDOM)
-    record["coverage"] = coverage(a.replicates, data, truth, problem)
-    print(json.dumps(record["coverage"], indent=1), flush=True)
+    if not a.skip_coverage:
+        record["coverage"] = coverage(a.replicates, data, truth, problem)
+        print(json.dumps(record["coverage"], indent=1), flush=True)
     if not a.skip_nlme:
         if shutil.which("Rscript") is None:
             record["nlme"] = "not run: Rscript not found (Debian: apt install r-base-core r-cran-nlme)"
         else:
             record["nlme"] = nlme_comparison(data, truth, problem)
         print(json.dumps(record["nlme"], indent=1), flush=True)
+    if not a.skip_nuts:
+        record["nuts_vs_laplace"] = nuts_comparison()
+        print(json.dumps(record["nuts_vs_laplace"], indent=1), flush=True)
     Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
     print("wrote", a.out)
     return 0

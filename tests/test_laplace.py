@@ -101,9 +101,21 @@ def test_one_random_effect_is_exact_where_the_model_is_linear_gaussian(stein):
     data = data.subset(data.ids[:8])
     problem = make_problem(model, data, estimate=("cmax",), variability=("cmax",))
     meas, _ = simulate(data, truth, ("cmax",), seed=1)
-    value, z = carkin_objective(problem, truth, meas)
+    built = laplace.build(problem)
+    value, z = carkin_objective(problem, truth, meas, built)
     reference = neg_log_marginal_aghq(data, truth, ("cmax",), meas, nodes=30)
     assert value == pytest.approx(reference, rel=1e-10, abs=1e-7)
+
+    # its gradient against central differences of the objective (each point's modes solved afresh)
+    ob, vg, _ = built
+    obs = laplace.subject_observations(problem, meas)
+    u = np.asarray(ob.unconstrain({s: truth[s] * 1.3 for s in problem.priors}))
+    value_at = lambda point: float(vg(jnp.asarray(point), jnp.asarray(z), obs)[0])  # noqa: E731
+    grad = np.asarray(vg(jnp.asarray(u), jnp.asarray(z), obs)[1])
+    for k in range(u.size):
+        e = np.eye(u.size)[k] * 1e-4
+        fd = (value_at(u + e) - value_at(u - e)) / 2e-4
+        assert grad[k] == pytest.approx(fd, rel=1e-6, abs=1e-6), ob.sites[k]
 
     # CWRES of a linear-Gaussian model: the population residuals whitened by their exact covariance
     res = laplace.cwres(problem, {s: truth[s] for s in problem.priors}, z, meas)
@@ -115,6 +127,7 @@ def test_one_random_effect_is_exact_where_the_model_is_linear_gaussian(stein):
         np.testing.assert_allclose(res[problem.design.obs_subject == s], ref, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow  # a 40-subject compile: the default run keeps the 8-subject exact case and the DataTree
 def test_censored_records_and_two_random_effects_against_quadrature(stein, two_effects):
     """Where the Laplace objective is an approximation, its distance from quadrature is stated
     (measured: 2.5e-4 on 8 subjects' own data with their BLQ records (M3) and one random effect;
@@ -146,6 +159,7 @@ def two_effects(stein):
     return problem, truth, meas, laplace.build(problem)
 
 
+@pytest.mark.slow  # a 40-subject compile: the default run keeps the 8-subject exact case and the DataTree
 def test_gradient_matches_central_differences(two_effects):
     """The gradient (local second-order model + implicit function theorem for the modes) against central
     differences of the objective itself, each point with its modes solved afresh."""
@@ -163,6 +177,7 @@ def test_gradient_matches_central_differences(two_effects):
         assert float(grad[k]) == pytest.approx(fd, rel=1e-5, abs=1e-5), ob.sites[k]
 
 
+@pytest.mark.slow  # a 40-subject compile: the default run keeps the 8-subject exact case and the DataTree
 def test_estimates_recover_the_values_that_made_the_data(two_effects):
     problem, truth, meas, built = two_effects
     result = laplace.estimate(problem, ck.Laplace(starts=2), progress=False, measurements=meas, compiled=built)
@@ -227,6 +242,7 @@ def test_prior_sensitivity_names_a_prior_driven_parameter(stein):
     assert any("power-scaling" in m and "fold (" in m for m in messages), messages
 
 
+@pytest.mark.slow  # compiles a Laplace fit and a NUTS chain
 def test_nuts_can_start_at_the_laplace_estimates(stein):
     data, truth, model = stein
     small = data.subset(data.ids[:8])
