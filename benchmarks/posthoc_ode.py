@@ -52,8 +52,6 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posthoc_ode.json"))
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    import jax
-
     data = ck.read_dataset(DATA)
     model = ck.load_model("cd7_cart", product_type="naturally_selected")
     truth = data.meta["generation"]["true_values"]
@@ -65,7 +63,7 @@ def main(argv=None):
     est = individual_estimates(problem, population, progress=False, engine=a.engine)
     wall = time.perf_counter() - t0
     eta = np.stack([est[f"eta_{n}"].values for n in RANDOM], axis=1)
-    carkin = {"subjects": data.n_subjects, "devices": jax.local_device_count(), "wall_s": round(wall, 1),
+    carkin = {"subjects": data.n_subjects, "devices": est.attrs["devices"], "wall_s": round(wall, 1),
               "compile_s": est.attrs["compile_s"], "run_s": est.attrs["run_s"],
               "subjects_per_s_after_compile": round(data.n_subjects / est.attrs["run_s"], 2),
               "converged": int(est["converged"].sum()), "engine": est.attrs["engine"]}

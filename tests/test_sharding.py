@@ -75,7 +75,9 @@ ODE_FIT_SCRIPT = textwrap.dedent("""
                     f"{mode}_steps": stats["n_steps"]})
     problem = make_problem(model, data.subset(data.ids[:3]), estimate=("rho", "d_e"), variability=("rho", "d_e"))
     truth = data.meta["generation"]["true_values"]
-    ebe = individual_estimates(problem, {s: truth[s] for s in problem.priors}, starts=2, max_iter=20, progress=False)
+    # the diffrax path: the one that splits subjects over devices (the ensemble's mode search runs on one)
+    ebe = individual_estimates(problem, {s: truth[s] for s in problem.priors}, starts=2, max_iter=20, progress=False,
+                               engine="diffrax")
     res.update(ebe_rho=ebe["eta_rho"].values, ebe_d_e=ebe["eta_d_e"].values, ebe_iterations=ebe["iterations"].values,
                ebe_devices=ebe.attrs["devices"])
     np.savez(out, **res)

@@ -149,7 +149,8 @@ def individual_estimates(problem: FitProblem, population: dict, *, starts: int =
     run_s = time.perf_counter() - t0 - compile_s
     theta = np.asarray(jax.jit(lambda x, z: problem.population.individual(params, z, x))(per_subject["x"], z))
     ds = _as_dataset(problem, params, z, fun, ok, nit, theta)
-    ds.attrs.update(compile_s=round(compile_s, 3), run_s=round(run_s, 3), devices=jax.local_device_count(),
+    ds.attrs.update(compile_s=round(compile_s, 3), run_s=round(run_s, 3),
+                    devices=1 if use_ensemble else jax.local_device_count(),  # the ensemble runs on one device
                     engine="ensemble" if use_ensemble else ("closed form" if model.has_closed_form else "diffrax"))
     return ds
 
