@@ -152,8 +152,8 @@ def add_parser(sub, fmt) -> None:
                         "likelihood with the random effects integrated out (FOCE-I): estimates, SE/RSE%%, OFV, "
                         "shrinkage and CWRES in minutes")
     p.add_argument("--init", choices=("median", "svi", "laplace"), default="median",
-                   help="where NUTS chains start: prior medians (default), an SVI fit, or a Laplace fit (quickest "
-                        "for ODE models)")
+                   help="where NUTS chains start: prior medians (default), an SVI fit's medians, or a Laplace fit's "
+                        "estimates and modes")
     p.add_argument("--starts", type=int, default=3, help="Laplace: optimisations from different starts; the best "
                    "is kept (default %(default)s)")
     p.add_argument("--map", action="store_true", help="Laplace: add the log prior (a MAP estimate)")

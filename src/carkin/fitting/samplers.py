@@ -24,8 +24,7 @@ NUTS_STARTS = ("median", "svi", "laplace")
 class NUTS:
     """NumPyro's NUTS: ``chains`` chains of ``warmup`` adaptation and ``samples`` kept draws each,
     started at the prior medians (``init="median"``), at a Laplace fit's estimates and modes
-    (``init="laplace"``: quickest into the typical set of an ODE model) or at an SVI fit's
-    medians (``init="svi"``, after ``svi_steps`` steps)."""
+    (``init="laplace"``) or at an SVI fit's medians (``init="svi"``, after ``svi_steps`` steps)."""
 
     chains: int = 4
     warmup: int = 500
