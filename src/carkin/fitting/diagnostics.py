@@ -86,14 +86,15 @@ def prior_sensitivity(tree: xr.DataTree) -> dict:
     Returns {"prior": site -> value, "likelihood": site -> value, "diagnosis": site -> text}; the
     diagnosis is ArviZ's: "potential strong prior / weak likelihood" (the posterior is driven by
     its prior) or "potential prior-data conflict" where values pass PRIOR_SENSITIVITY_THRESHOLD,
-    else a tick. Empty where
-    the fit has no ``log_prior`` group (fits saved before it) or too few draws."""
+    else a tick. Empty where the fit has no ``log_prior`` group (fits saved before it), has too
+    few draws, or was not sampled by NUTS."""
     import arviz_stats
 
     empty: dict = {"prior": {}, "likelihood": {}, "diagnosis": {}}
     post = tree["posterior"].to_dataset()
-    if "log_prior" not in tree.children or post.sizes["chain"] * post.sizes["draw"] < 100:
-        return empty
+    sampled = json.loads(tree.attrs.get("settings", "{}")).get("method", "nuts") == "nuts"
+    if not sampled or "log_prior" not in tree.children or post.sizes["chain"] * post.sizes["draw"] < 100:
+        return empty  # importance sampling needs posterior draws: not SVI's or a Laplace fit's
     sites = population_sites(tree)
     ll = flat_values(tree, "log_likelihood", "dv")
     flat = xr.DataTree.from_dict({
