@@ -105,7 +105,7 @@ def prior_sensitivity(tree: xr.DataTree) -> dict:
     with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # (it prints its own advice; carkin words it as a FitWarning)
         table = arviz_stats.psense_summary(flat, threshold=PRIOR_SENSITIVITY_THRESHOLD, round_to=6)
-    out = dict(empty, prior={}, likelihood={}, diagnosis={})
+    out: dict = {"prior": {}, "likelihood": {}, "diagnosis": {}}
     for label, row in table.iterrows():
         out["prior"][str(label)] = float(row["prior"])
         out["likelihood"][str(label)] = float(row["likelihood"])

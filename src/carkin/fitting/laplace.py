@@ -29,6 +29,7 @@ Python loop reports progress and can be interrupted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -44,7 +45,7 @@ from carkin.fitting.fit_problem import FitProblem
 from carkin.fitting.predictions import ensemble_observables, subject_observables
 from carkin.fitting.samplers import Laplace
 from carkin.model.observation import PREDICTION_FLOOR, log_normal_cdf
-from carkin.model.population import omega_site, sigma_add_site, sigma_site
+from carkin.model.population import Z_SITE, omega_site, parameter_of_omega, sigma_add_site, sigma_site
 
 # a subject's mode counts as found when the largest gradient component (z units) is below INNER_GTOL or the
 # Newton decrement g' H^-1 g below INNER_DECREMENT: l within ~1e-10 of its minimum, above an ODE solve's own
@@ -166,13 +167,18 @@ class _Objective:
         return jnp.linalg.slogdet(jz.T @ (w[:, None] * jz) + jnp.eye(z.size))[1]
 
     def _weights(self, params, pred, obs):
-        w = None
-        for k, name in enumerate(self.problem.design.observables):
-            err = self.problem.errors[name]
-            term = _information(err, pred, obs["blq"], obs["lloq"], params[sigma_site(name)],
-                                params.get(sigma_add_site(name), 0.0))
-            w = term if w is None else jnp.where(obs["kind"] == k, term, w)
-        return w
+        return by_observable(self.problem, obs["kind"], lambda err, sigma, add: _information(
+            err, pred, obs["blq"], obs["lloq"], sigma, add), params)
+
+
+def by_observable(problem: FitProblem, kind, term, params):
+    """``term(error model, sigma, sigma_add)`` of each record's own observable (``kind`` its index),
+    selected elementwise; ``term`` may return a tuple of arrays."""
+    out = None
+    for k, name in enumerate(problem.design.observables):
+        value = term(problem.errors[name], params[sigma_site(name)], params.get(sigma_add_site(name), 0.0))
+        out = value if out is None else jax.tree.map(lambda new, old, k=k: jnp.where(kind == k, new, old), value, out)
+    return out
 
 
 def conditional_derivatives(ob: _Objective, params, z, local, obs):
@@ -184,6 +190,15 @@ def conditional_derivatives(ob: _Objective, params, z, local, obs):
 
     h, (v, g) = jax.jacfwd(grad_with_value, has_aux=True)(z)
     return v, g, h
+
+
+def mode_found(grad, hess, gtol: float = INNER_GTOL):
+    """(S,) whether each subject's conditional objective is at its minimum: the largest gradient
+    component below ``gtol``, or (where the Hessian is positive definite, without which its terms
+    can cancel) the Newton decrement g' H^-1 g below INNER_DECREMENT."""
+    positive = jnp.linalg.eigvalsh(hess)[:, 0] > 0
+    decrement = jnp.einsum("sr,sr->s", grad, jax.vmap(jnp.linalg.solve)(hess, grad))
+    return (jnp.max(jnp.abs(grad), axis=1) <= gtol) | (positive & (decrement <= INNER_DECREMENT))
 
 
 def subject_observations(problem: FitProblem, data=None) -> dict:
@@ -220,18 +235,16 @@ def build(problem: FitProblem, use_priors: bool = False):
     def over_subjects(fn, params, z, local, obs):
         return jax.vmap(lambda zz, loc, o: fn(params, zz, loc, o))(z, local, obs)
 
-    def value_grad_hessian(params, z, local, o):
-        return conditional_derivatives(ob, params, z, local, o)
-
     def inner(params, z0, obs):
         """Modes of every subject's conditional objective, all subjects at once: Newton steps on the
         local second-order model (one solve with second derivatives per iteration), damped
         Levenberg-Marquardt style: a step that does not lower l is retried with more damping.
-        Returns the modes, the local models there, and each subject's ok flag and gradient norm."""
+        Returns the modes, the local models there, and l with its gradient and Hessian at each
+        mode (l infinite where a solve failed), and the iterations taken."""
 
         def evaluate(z):
             local, ok = locals_at(params, z, 2)
-            value, grad, hess = over_subjects(value_grad_hessian, params, z, local, obs)
+            value, grad, hess = over_subjects(functools.partial(conditional_derivatives, ob), params, z, local, obs)
             return jnp.where(ok, value, jnp.inf), grad, hess, local
 
         S = z0.shape[0]
@@ -253,10 +266,7 @@ def build(problem: FitProblem, use_priors: bool = False):
             z, v, g, h = pick(z_try, z), pick(v_t, v), pick(g_t, g), pick(h_t, h)
             local = jax.tree.map(pick, local_t, local)
             lam = jnp.where(it == 0, lam, jnp.clip(jnp.where(better, lam * 0.1, lam * 10.0), 1e-12, 1e12))
-            # the Newton decrement means something only where H is positive definite (else terms cancel)
-            positive = jnp.linalg.eigvalsh(h)[:, 0] > 0
-            decrement = jnp.einsum("sr,sr->s", g, jax.vmap(jnp.linalg.solve)(h, g))
-            converged = (jnp.max(jnp.abs(g), axis=1) <= INNER_GTOL) | (positive & (decrement <= INNER_DECREMENT))
+            converged = mode_found(g, h)
             failed = (it == 0) & ~jnp.isfinite(v_t)
             return z, v, g, h, lam, it + 1, done | converged | no_gain | (lam >= 1e12) | failed, local
 
@@ -266,8 +276,8 @@ def build(problem: FitProblem, use_priors: bool = False):
                   jnp.zeros(grid + (free.size,)), jnp.zeros(grid + (free.size, free.size)))
         init = (z0, jnp.full(S, jnp.inf), jnp.zeros_like(z0), jnp.broadcast_to(jnp.eye(R), (S, R, R)),
                 jnp.full(S, 1e-3), 0, jnp.zeros(S, bool), local0)
-        z, v, g, _, _, it, _, local = jax.lax.while_loop(cond, body, init)
-        return z, local, jnp.isfinite(v), jnp.max(jnp.abs(g), axis=1), it
+        z, v, g, h, _, it, _, local = jax.lax.while_loop(cond, body, init)
+        return z, local, v, g, h, it
 
     def marginal(u, z, local, obs):
         """-log L (and -log prior) from the local model at the modes; (S,) subject terms too."""
@@ -281,12 +291,12 @@ def build(problem: FitProblem, use_priors: bool = False):
 
     def value_and_grad(u, z0, obs):
         params = jax.lax.stop_gradient(ob.constrain(u))
-        z, local, ok, gnorm, iterations = inner(params, z0, obs)
+        z, local, v_in, g_in, h_in, iterations = inner(params, z0, obs)
+        ok, gnorm = jnp.isfinite(v_in), jnp.max(jnp.abs(g_in), axis=1)
         local = jax.lax.stop_gradient(local)
         # One more Newton step on the local model, which needs no solve: the modes' gradients fall from the
         # stopping rule's ~1e-5 to ~1e-10, so the envelope theorem holds to that (the local model stays
         # exact to second order over so short a step).
-        _, g_in, h_in = over_subjects(value_grad_hessian, params, z, local, obs)
         positive = jnp.linalg.eigvalsh(h_in)[:, 0] > 0
         z = z - jnp.where(positive[:, None], jax.vmap(jnp.linalg.solve)(h_in, g_in), 0.0)
         (value, per), (g_u, g_z) = jax.value_and_grad(marginal, argnums=(0, 1), has_aux=True)(u, z, local, obs)
@@ -310,13 +320,13 @@ def start_values(problem: FitProblem) -> dict:
     effects, and each residual SD at its prior's median."""
     values = dict(problem.model.values)
     sigmas = {f(n) for n in problem.design.observables for f in (sigma_site, sigma_add_site)}
+    omegas = {omega_site(n): n for n in problem.random}
     out = {}
     for s, prior in problem.priors.items():
         if s in problem.estimated:
             out[s] = float(values[s])
-        elif any(s == omega_site(n) for n in problem.random):
-            name = next(n for n in problem.random if omega_site(n) == s)
-            out[s] = problem.model.parameter(name).omega or 0.3
+        elif s in omegas:
+            out[s] = problem.model.parameter(omegas[s]).omega or 0.3
         elif s in sigmas:
             out[s] = float(np.median(np.asarray(prior.sample(jax.random.PRNGKey(0), (2001,)))))
         else:
@@ -475,18 +485,13 @@ def cwres(problem: FitProblem, values: dict, z, measurements=None) -> np.ndarray
     ob = _Objective(problem, tuple(problem.priors), free)
     obs = subject_observations(problem, measurements)
     params = {k: jnp.asarray(v) for k, v in values.items()}
-    errs = [problem.errors[n] for n in problem.design.observables]
 
     def centre_sd(pred, o):
-        c = s = g_y = None
-        for k, (name, err) in enumerate(zip(problem.design.observables, errs)):
-            ck, sk = err.scale(jnp.maximum(pred, PREDICTION_FLOOR), params[sigma_site(name)],
-                               params.get(sigma_add_site(name), 0.0))
-            gk = err.g(jnp.where(o["blq"], 1.0, o["y"]))
-            pick = o["kind"] == k
-            c, s, g_y = ((ck, sk, gk) if c is None else
-                         (jnp.where(pick, ck, c), jnp.where(pick, sk, s), jnp.where(pick, gk, g_y)))
-        return c, s, g_y
+        def one(err, sigma, add):
+            c, sd = err.scale(jnp.maximum(pred, PREDICTION_FLOOR), sigma, add)
+            return c, sd, err.g(jnp.where(o["blq"], 1.0, o["y"]))
+
+        return by_observable(problem, o["kind"], one, params)
 
     def one(zz, local, o):
         centre = lambda z1: centre_sd(ob.record_predictions(params, z1, local, o), o)[0]  # noqa: E731
@@ -537,8 +542,8 @@ def laplace_tree(problem: FitProblem, data, result: LaplaceResult, settings: dic
     ``laplace`` group with the estimates table, the correlation matrix and the objective."""
     import xarray as xr
 
+    from carkin.fitting.diagnostics import shrinkage
     from carkin.fitting.fit_results import to_datatree
-    from carkin.model.population import Z_SITE
 
     draws = {s: np.array([[result.values[s]]]) for s in result.sites}
     if problem.random:
@@ -560,9 +565,6 @@ def laplace_tree(problem: FitProblem, data, result: LaplaceResult, settings: dic
     se = np.abs(slope) * se_u
     lower = np.array([float(t(jnp.asarray(a))) for t, a in zip(transforms, u - WALD_Z * se_u)])
     upper = np.array([float(t(jnp.asarray(a))) for t, a in zip(transforms, u + WALD_Z * se_u)])
-    from carkin.fitting.diagnostics import shrinkage
-    from carkin.model.population import parameter_of_omega
-
     shrink = shrinkage(tree)
     meta = [problem.site_meta.get(s, ("", s)) for s in sites]
     n_obs = int(problem.design.y.size)

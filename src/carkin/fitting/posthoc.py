@@ -162,30 +162,22 @@ def _ensemble_modes(problem: FitProblem, params: dict, starts_z: np.ndarray, gto
     below ``gtol`` or the Newton decrement below the mode search's own (an ODE solve's noise floor)."""
     from carkin.fitting import laplace
 
-    ob, _, inner = laplace.build(problem)
+    _, _, inner = laplace.build(problem)
     obs = laplace.subject_observations(problem)
-
-    @jax.jit
-    def score(z, local):
-        value, g, h = jax.vmap(lambda zz, loc, o: laplace.conditional_derivatives(ob, params, zz, loc, o))(z, local,
-                                                                                                           obs)
-        positive = jnp.linalg.eigvalsh(h)[:, 0] > 0
-        decrement = jnp.einsum("sr,sr->s", g, jax.vmap(jnp.linalg.solve)(h, g))
-        flat = (jnp.max(jnp.abs(g), axis=1) <= gtol) | (positive & (decrement <= laplace.INNER_DECREMENT))
-        return value, flat
+    found = jax.jit(lambda g, h: laplace.mode_found(g, h, gtol))
 
     S = problem.design.n_subjects
     z_best, f_best, ok_best = np.zeros((S, starts_z.shape[1])), np.full(S, np.inf), np.zeros(S, bool)
     iterations, compile_s, t0 = 0, 0.0, time.perf_counter()
     for k, start in enumerate(starts_z):
-        z, local, ok, _, it = inner(params, jnp.broadcast_to(jnp.asarray(start), (S, start.size)), obs)
-        value, flat = score(z, local)
-        value = np.where(np.asarray(ok), np.asarray(value), np.inf)
+        z, _, value, g, h, it = inner(params, jnp.broadcast_to(jnp.asarray(start), (S, start.size)), obs)
+        value = np.asarray(value)  # infinite where a solve failed
+        flat = np.isfinite(value) & np.asarray(found(g, h))
         if k == 0:
             compile_s = time.perf_counter() - t0
         better = value < f_best
         z_best[better], f_best[better] = np.asarray(z)[better], value[better]
-        ok_best[better] = np.asarray(ok & flat)[better]
+        ok_best[better] = flat[better]
         iterations += int(it)
     return (z_best, f_best, ok_best, np.full(S, iterations)), compile_s
 
