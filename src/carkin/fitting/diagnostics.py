@@ -75,7 +75,7 @@ def parameter_table(tree: xr.DataTree) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-PRIOR_SENSITIVITY_THRESHOLD = 0.05  # the power-scaling rule's default (Kallioinen et al. 2024, Stat Comput)
+PRIOR_SENSITIVITY_THRESHOLD = 0.05  # power-scaling default (Kallioinen et al. 2024, doi:10.1007/s11222-023-10366-5)
 
 
 def prior_sensitivity(tree: xr.DataTree) -> dict:
