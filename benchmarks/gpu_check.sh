@@ -1,22 +1,52 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 15): install carkin into this machine's own Python (which has jax with
-# CUDA, numpyro, diffrax, equinox and xarray), then run every GPU step of benchmarks/gpu_check.py
-# within about 8 minutes, writing one JSON record to $OUT (or benchmarks/results).
+# One-shot GPU check (issues 15 and 16): run every GPU step of benchmarks/gpu_check.py in this machine's
+# own Python (which has jax with CUDA), writing one JSON record to $OUT (or benchmarks/results).
 #
-# The few pure-Python packages such a machine may lack (arviz-base, arviz-stats, h5netcdf,
-# xarray-einstats) are installed from benchmarks/wheels when present; fetch them beforehand with
-#   .venv/bin/pip download --no-deps -d benchmarks/wheels arviz-base arviz-stats h5netcdf xarray-einstats
-# and carry that folder to the GPU machine.
-set -euo pipefail
+# carkin runs from src/ (no install). The pure-Python packages it needs at the versions it is tested
+# with travel as wheels in .whl/ (or benchmarks/wheels/) and go into /tmp/site, ahead of the machine's
+# own; fetch them beforehand, from the repository root, with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     numpyro==0.22.0 diffrax==0.7.2 equinox==0.13.8 lineax==0.1.1 optimistix==0.1.0 arviz-base==0.8.2 \
+#     arviz-stats==0.8.0 xarray-einstats==0.9.1 h5netcdf==1.8.2 xarray==2026.9.0 pandas==3.1.1
+# If carkin does not import or solve with the carried diffrax stack under the machine's jax, the
+# machine's own diffrax, equinox, lineax and optimistix are used instead (the JSON says which).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-if [ -d benchmarks/wheels ]; then
-    "$PY" -m pip install -q --no-deps --no-index --find-links benchmarks/wheels \
-        arviz-base arviz-stats h5netcdf xarray-einstats || echo "some carried wheels did not install"
-fi
-# --no-deps: keep the machine's own jax (CUDA build), numpyro and diffrax
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . || "$PY" -m pip install -q --no-deps -e .
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout 480 "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" "$@"
+WHEELS="${WHEELS-$(ls -d .whl benchmarks/wheels 2>/dev/null | head -1)}"  # WHEELS= (empty): use what is installed
+SITE=/tmp/carkin-site
+smoke() {
+    PYTHONPATH="$SITE:src" "$PY" - <<'PY'
+import jax, numpy as np, carkin as ck
+ck.configure()
+ds = ck.simulate(ck.load_model("cd7_cart"), ck.split(1e7), np.arange(0.0, 29.0, 7.0), n_subjects=8, seed=1,
+                 progress=False)
+assert np.all(np.isfinite(ds["car_copies"].values)) and not ds["failed"].any()
+import diffrax, equinox, numpyro
+print("smoke ok: jax", jax.__version__, jax.devices(), "diffrax", diffrax.__version__, "equinox",
+      equinox.__version__, "numpyro", numpyro.__version__)
+PY
+}
+install() {  # $@: wheel name patterns to leave out
+    rm -rf "$SITE"
+    [ -n "$WHEELS" ] || return 0
+    local keep=()
+    for w in "$WHEELS"/*.whl; do
+        local skip=0
+        for pat in "$@"; do case "$(basename "$w")" in $pat) skip=1 ;; esac; done
+        [ $skip = 1 ] || keep+=("$w")
+    done
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${keep[@]}"
+}
+STACK="carried wheels"
+install && smoke || {
+    STACK="machine's diffrax, equinox, lineax, optimistix"
+    echo "retrying with the $STACK"
+    install 'diffrax-*' 'equinox-*' 'lineax-*' 'optimistix-*' && smoke
+} || { echo "carkin does not run in this Python"; exit 1; }
+echo "package stack: $STACK"
+PYTHONPATH="$SITE:src" timeout "${CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" \
+    --stack "$STACK" "$@"

@@ -253,3 +253,25 @@ def test_nuts_can_start_at_the_laplace_estimates(stein):
     assert settings["init"] == "laplace" and tree["posterior"].sizes["draw"] == 30
     with pytest.raises(InputError, match="init must be one of"):
         ck.NUTS(init="mode")
+
+
+def test_many_datasets_at_once_match_one_at_a_time(stein):
+    """The batched fit (lockstep BFGS, fit_many(method='laplace')) against scipy's BFGS on each dataset
+    alone: one objective, two optimisers, the same optimum and standard errors."""
+    from carkin.fitting.batch import fit_many, replicate_datasets
+
+    data, truth, model = stein
+    problem = make_problem(model, data.subset(data.ids[:8]), estimate=("cmax",), variability=("cmax",))
+    y, blq = replicate_datasets(problem, {s: truth[s] for s in problem.priors}, 3, seed=5)
+    many = fit_many(problem, y, blq, method="laplace")
+    assert many["converged"].all()
+    built = laplace.build(problem)
+    for r in range(3):
+        one = laplace.estimate(problem, ck.Laplace(starts=1), progress=False, compiled=built,
+                               measurements=(y[r], blq[r], problem.design.lloq))
+        assert many["objective"][r] == pytest.approx(one.objective, rel=1e-9)
+        for site in one.sites:
+            assert many[site][r] == pytest.approx(one.values[site], rel=1e-4), site
+        np.testing.assert_allclose(np.diag(many["covariance"][r]), np.diag(one.covariance), rtol=1e-3)
+    with pytest.raises(InputError, match="method must be"):
+        fit_many(problem, y, blq, method="saem")

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import xarray as xr
 
+from carkin.errors import InputError
 from carkin.fitting.data import StudyData
 from carkin.fitting.fit_problem import FitProblem, make_problem
 from carkin.fitting.inference import sample_posteriors
@@ -21,14 +22,25 @@ from carkin.model.kinetics import Model
 from carkin.model.population import Z_SITE
 
 
-def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 300, seed: int = 0,
-             target_accept: float = 0.8, max_tree_depth: int = 8, thin: int = 1, progress: bool = False) -> dict:
-    """NUTS on ``len(y)`` datasets at once (one chain each): ``y`` and ``blq`` are (datasets, N).
+def fit_many(problem: FitProblem, y, blq, *, method: str = "nuts", warmup: int = 300, samples: int = 300,
+             seed: int = 0, target_accept: float = 0.8, max_tree_depth: int = 8, thin: int = 1,
+             progress: bool = False) -> dict:
+    """Fits of ``len(y)`` datasets on one design at once: ``y`` and ``blq`` are (datasets, N).
 
-    The datasets are split over every device (carkin.sampling); a dataset's draws do not
-    depend on how many devices there are. Returns the population sites' draws, each
-    (dataset, draw), and ``diverging`` (dataset, draw).
+    ``method="nuts"``: one NUTS chain per dataset, the datasets split over every device
+    (carkin.sampling); a dataset's draws do not depend on how many devices there are. Returns
+    the population sites' draws, each (dataset, draw), and ``diverging`` (dataset, draw).
+
+    ``method="laplace"``: Laplace (FOCE-I) estimates of every dataset
+    (:func:`carkin.fitting.laplace.estimate_many`): each site's estimate (dataset,), with the
+    objective, convergence and the covariance of the unconstrained estimates.
     """
+    if method == "laplace":
+        from carkin.fitting.laplace import estimate_many
+
+        return estimate_many(problem, y, blq, progress=progress)
+    if method != "nuts":
+        raise InputError(f"fit_many: method must be 'nuts' or 'laplace', got {method!r}")
     from numpyro.infer import init_to_median
 
     blq = np.asarray(blq, bool)
@@ -48,11 +60,30 @@ def fit_many(problem: FitProblem, y, blq, *, warmup: int = 300, samples: int = 3
 def prior_datasets(problem: FitProblem, n: int, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     """``n`` parameter sets from the priors and a dataset simulated from each (censored at the
     design's LLOQs). Returns (true population values per site (n,), y (n, N), blq (n, N))."""
+    return _simulated(problem, n, seed, None)
+
+
+def replicate_datasets(problem: FitProblem, values: dict, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` datasets simulated on ``problem``'s design at the population values ``values`` (site ->
+    value, every site of the problem), each with its own random effects and residual errors,
+    censored at the design's LLOQs. Returns (y (n, N), blq (n, N)): replicates for coverage and
+    operating characteristics of an estimator."""
+    missing = sorted(set(problem.priors) - set(values))
+    if missing:
+        raise InputError(f"replicate_datasets needs a value for every population parameter; missing: {missing}")
+    _, y, blq = _simulated(problem, n, seed, {s: float(values[s]) for s in problem.priors})
+    return y, blq
+
+
+def _simulated(problem: FitProblem, n: int, seed: int, values: dict | None):
     d = problem.design
 
     def one(k):
         keys = jax.random.split(k, len(problem.priors) + 2)
-        params = {s: prior.sample(kk) for (s, prior), kk in zip(problem.priors.items(), keys)}
+        if values is None:
+            params = {s: prior.sample(kk) for (s, prior), kk in zip(problem.priors.items(), keys)}
+        else:
+            params = {s: jax.numpy.asarray(v) for s, v in values.items()}
         if problem.random:
             params[Z_SITE] = jax.random.normal(keys[-2], (d.n_subjects, len(problem.random)))
         f, _ = problem.predictions(problem.individual(params))

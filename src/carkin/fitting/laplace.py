@@ -381,7 +381,7 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
     t0 = time.perf_counter()
     compile_s = 0.0
     state: dict = {"z": jnp.zeros((S, R)), "n": 0}
-    bar = _progress(progress, settings.starts)
+    bar = _progress(progress, settings.starts, "Laplace starts")
 
     def fun(u):
         t = time.perf_counter()
@@ -460,14 +460,137 @@ def _covariance(value_and_grad, u):
     return np.linalg.inv(hess), f"ok (condition number {eig.max() / eig.min():.3g})"
 
 
-def _progress(progress: bool, total: int):
+# --- many datasets on one design ---------------------------------------------------------------
+
+ARMIJO = 1e-4  # sufficient decrease of a batched BFGS line-search step
+BACKTRACKS = 30  # halvings of a step before a dataset's search stops
+
+
+def batched_observations(problem: FitProblem, y, blq) -> dict:
+    """The per-subject layout (:func:`subject_observations`) of ``len(y)`` datasets on
+    ``problem``'s design, stacked: each array gains a leading dataset axis."""
+    y, blq = np.asarray(y, float), np.asarray(blq, bool)
+    base = {k: np.asarray(v) for k, v in subject_observations(problem).items()}
+    lloq = np.asarray(problem.design.lloq, float)
+    # where each record lands in the (S, M) grid: lay out the record numbers once
+    index = np.asarray(subject_observations(problem, (np.arange(y.shape[1], dtype=float),
+                                                      np.zeros(y.shape[1], bool), lloq))["y"])
+    index = np.where(base["mask"], index, 0).astype(int)
+    out = {k: jnp.asarray(np.broadcast_to(v, (y.shape[0],) + v.shape)) for k, v in base.items()}
+    out["blq"] = jnp.asarray(base["mask"] & blq[:, index])
+    out["y"] = jnp.asarray(np.where(base["mask"] & ~blq[:, index], y[:, index], 1.0))
+    return out
+
+
+def estimate_many(problem: FitProblem, y, blq, *, priors: bool = False, max_iter: int = 200,
+                  covariance: bool = True, progress: bool = False) -> dict:
+    """Laplace (FOCE-I) estimates of ``len(y)`` datasets on ``problem``'s design at once: ``y`` and
+    ``blq`` are (datasets, N) as in :func:`carkin.batch.fit_many`. One compiled, vectorised
+    objective serves every dataset; BFGS runs for each dataset in lockstep (one start, from the
+    model's values), each with its own line search, modes and stopping rule.
+
+    Returns the estimate of each population site (datasets,), ``u`` (datasets, P) on the
+    unconstrained scale, ``objective`` (-log L), ``converged``, ``iterations`` and, with
+    ``covariance``, ``covariance`` (datasets, P, P) of ``u`` (NaN where the Hessian is not
+    positive definite), with ``sites`` naming the P columns."""
+    if not problem.random:
+        raise InputError("method='laplace' integrates out random effects, and no parameter has variability; "
+                         "give variability=(...)")
+    y = np.asarray(y, float)
+    n, S, R = y.shape[0], problem.design.n_subjects, len(problem.random)
+    ob, vg, _ = build(problem, priors)
+    batched = jax.jit(jax.vmap(vg))
+    obs = batched_observations(problem, y, blq)
+
+    def evaluate(u, z):
+        value, grad, z_new, ok, *_ = batched(jnp.asarray(u), z, obs)
+        value = np.where(np.asarray(ok), np.asarray(value), np.inf)
+        return value, np.asarray(grad), z_new
+
+    u = np.broadcast_to(np.asarray(ob.unconstrain(start_values(problem))), (n, len(ob.sites))).copy()
+    z = jnp.zeros((n, S, R))
+    f, g, z = evaluate(u, z)
+    eye = np.eye(u.shape[1])
+    first = FIRST_STEP / np.maximum(np.abs(g).max(axis=1), 1e-12)
+    h_inv = eye[None] * first[:, None, None]
+    active = np.isfinite(f)
+    converged = active & (np.abs(g).max(axis=1) <= OUTER_GTOL)
+    active &= ~converged
+    iterations = np.zeros(n, int)
+    bar = _progress(progress, max_iter, "Laplace BFGS iterations")
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        direction = -np.einsum("dij,dj->di", h_inv, g)
+        slope = np.einsum("di,di->d", g, direction)
+        uphill = slope >= 0  # a lost curvature model: start again from steepest descent
+        direction[uphill] = -g[uphill] * first[uphill, None]
+        slope = np.einsum("di,di->d", g, direction)
+        step = np.where(active, 1.0, 0.0)
+        searching = active.copy()
+        u_new, f_new, g_new, z_new = u.copy(), f.copy(), g.copy(), z
+        for _ in range(BACKTRACKS):
+            trial = u + step[:, None] * direction
+            f_t, g_t, z_t = evaluate(np.where(searching[:, None], trial, u), z)
+            accept = searching & (f_t <= f + ARMIJO * step * slope)
+            u_new[accept], f_new[accept], g_new[accept] = trial[accept], f_t[accept], g_t[accept]
+            z_new = jnp.where(jnp.asarray(accept)[:, None, None], z_t, z_new)
+            searching &= ~accept
+            if not searching.any():
+                break
+            step = np.where(searching, step * 0.5, step)
+        stalled = searching  # no step lowered the objective: the search ends where it stands
+        moved = active & ~stalled
+        s_k, y_k = u_new - u, g_new - g
+        sy = np.einsum("di,di->d", s_k, y_k)
+        update = moved & (sy > 1e-12)
+        rho = np.where(update, 1.0 / np.where(update, sy, 1.0), 0.0)
+        left = eye[None] - rho[:, None, None] * np.einsum("di,dj->dij", s_k, y_k)
+        bfgs = (np.einsum("dij,djk,dlk->dil", left, h_inv, left)
+                + rho[:, None, None] * np.einsum("di,dj->dij", s_k, s_k))
+        h_inv = np.where(update[:, None, None], bfgs, h_inv)
+        u, f, g, z = u_new, f_new, g_new, z_new
+        iterations += moved
+        done = moved & (np.abs(g).max(axis=1) <= OUTER_GTOL)
+        converged |= done | (stalled & (np.abs(g).max(axis=1) <= CONVERGED_GTOL))
+        active &= ~(done | stalled)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(active=int(active.sum()), refresh=False)
+    if bar is not None:
+        bar.close()
+    out = {s: np.asarray(jax.vmap(ob.constrain)(jnp.asarray(u))[s]) for s in ob.sites}
+    out.update(u=u, objective=f, converged=converged, iterations=iterations, sites=ob.sites)
+    if covariance:
+        out["covariance"] = _covariance_many(lambda uu: evaluate(uu, z)[1], u)
+    return out
+
+
+def _covariance_many(gradient, u):
+    """:func:`_covariance` for every dataset at once (central differences of the exact gradient);
+    NaN where the Hessian is not finite or not positive definite."""
+    n, P = u.shape
+    hess = np.zeros((n, P, P))
+    for k in range(P):
+        step = np.zeros_like(u)
+        step[:, k] = FD_STEP * np.maximum(1.0, np.abs(u[:, k]))
+        hess[:, :, k] = (gradient(u + step) - gradient(u - step)) / (2 * step[:, k:k + 1])
+    hess = 0.5 * (hess + np.swapaxes(hess, 1, 2))
+    good = np.all(np.isfinite(hess), axis=(1, 2))
+    hess[~good] = np.eye(P)
+    good &= np.linalg.eigvalsh(hess)[:, 0] > 0
+    cov = np.linalg.inv(np.where(good[:, None, None], hess, np.eye(P)))
+    return np.where(good[:, None, None], cov, np.nan)
+
+
+def _progress(progress: bool, total: int, label: str):
     if not progress:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc="Laplace starts", leave=False)
+    return tqdm(total=total, desc=label, leave=False)
 
 
 # --- residuals and the DataTree ------------------------------------------------------------------

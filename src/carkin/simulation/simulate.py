@@ -21,7 +21,7 @@ from carkin.guards import check_memory, check_seed
 from carkin.model import dosing, population
 from carkin.model.kinetics import Model
 from carkin.simulation.ensemble import DEFAULT_LANES as ENSEMBLE_LANES
-from carkin.simulation.ensemble import observe_subjects, solve_ensemble
+from carkin.simulation.ensemble import LANE_MULTIPLE, observe_subjects, solve_ensemble
 from carkin.simulation.solve import check_tolerances, solve_subject
 from carkin.strict import TIME_RANGE, UNIT_RANGES
 
@@ -34,6 +34,10 @@ CLOSED_FORM_CHUNK = 32768
 BALANCED_ROUNDING = 1024
 # The ensemble solver refills its lanes from the chunk's waiting subjects, so it wants chunks of many lanes' worth.
 ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a large chunk costs nothing
+# A GPU runs one lane per thread: it needs lanes by the hundred thousand to fill its cores, and each step's
+# kernels cost about the same for any lane count up to that, so a chunk there is a few lanes' worth of subjects.
+GPU_LANES = 1 << 18
+GPU_CHUNK = 1 << 20
 ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 # compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
@@ -102,7 +106,7 @@ def choose_engine(model: Model, engine: str, include_states: bool) -> str:
 
 @functools.lru_cache(maxsize=SOLVER_CACHE_SIZE)
 def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, engine: str = "diffrax",
-                  states: bool = True):
+                  states: bool = True, lanes: int = ENSEMBLE_LANES):
     """Compiled solve of one chunk of subjects, split evenly over ``n_devices``.
 
     ``model`` here is a template with default values, so changing typical values
@@ -126,7 +130,7 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         cells = dose_per_kg * cov_v[:, cnames.index(weight)][:, None]
         # subjects with index >= end pad the last chunk: they come last on each device and are skipped
         ys, ok, steps = solve_ensemble(model, times, dose_t, cells, theta, cov_v, rtol=rtol, atol=atol,
-                                       lanes=ENSEMBLE_LANES, n_active=jnp.sum(index < end))
+                                       lanes=lanes, n_active=jnp.sum(index < end))
         obs = observe_subjects(model, ys, theta, cov_v)
         ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
@@ -159,6 +163,14 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
     # check_vma=False: equinox error checks inside diffrax carry unannotated cond branches.
     return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("subjects"),
                                  check_vma=False))
+
+
+def ensemble_sizes() -> tuple[int, int]:
+    """(lanes, subjects per call per device) of the ensemble engine on JAX's default backend: a
+    CPU keeps a few vector widths of lanes busy; a GPU needs a lane for each of its threads."""
+    if jax.default_backend() == "cpu":
+        return ENSEMBLE_LANES, ENSEMBLE_CHUNK
+    return GPU_LANES, GPU_CHUNK
 
 
 def _layout(n: int, chunk_size: int | None, per_call: int = DEFAULT_CHUNK, balanced: bool = False) -> tuple[int, int]:
@@ -305,14 +317,18 @@ def simulate(
             _check_domain(prm, v)
             par_given[:, j], par_mask[j] = v, True
 
-    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ENSEMBLE_CHUNK}.get(engine, DEFAULT_CHUNK)
+    lanes, ensemble_chunk = ensemble_sizes()
+    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk}.get(engine, DEFAULT_CHUNK)
     chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine == "closed-form")
+    if lanes > ENSEMBLE_LANES:  # a GPU's lanes: no more than the chunk has subjects (idle lanes still step)
+        lanes = min(lanes, max(ENSEMBLE_LANES, -(-(chunk // n_dev) // LANE_MULTIPLE) * LANE_MULTIPLE))
     n_chunks = -(-n // chunk)
     n_pad = n_chunks * chunk
     slots = max(r.n_infusions for r in regimens)
     typ, omega = population.site_arrays(model)
     ctab = population.covariate_table(model)
-    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev, engine, include_states)
+    solver = _chunk_solver(replace(model, values=()), variability, rtol, atol, n_dev, engine, include_states,
+                           lanes)
     key = jax.random.PRNGKey(seed)
     index = int(first_subject) + np.arange(n_pad)
     end = int(first_subject) + n  # subjects from here on only pad the last chunk
