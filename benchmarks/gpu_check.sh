@@ -2,7 +2,7 @@
 # One-shot GPU check (issues 15 and 16): run every GPU step of benchmarks/gpu_check.py in this machine's
 # own Python (which has jax with CUDA), writing one JSON record to $OUT (or benchmarks/results).
 #
-# carkin runs from src/ (no install). The pure-Python packages it needs at the versions it is tested
+# carkin runs from a copy of src/ laid out as installed (no build). The pure-Python packages it needs at the versions it is tested
 # with travel as wheels in .whl/ (or benchmarks/wheels/) and go into /tmp/site, ahead of the machine's
 # own; fetch them beforehand, from the repository root, with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -18,8 +18,12 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 WHEELS="${WHEELS-$(ls -d .whl benchmarks/wheels 2>/dev/null | head -1)}"  # WHEELS= (empty): use what is installed
 SITE=/tmp/carkin-site
+# carkin as its install lays it out (models/ and data tables inside the package), without building it
+PKG=/tmp/carkin-pkg
+rm -rf "$PKG" && mkdir -p "$PKG" && cp -r src/carkin "$PKG/carkin" && cp -r models "$PKG/carkin/models" \
+    && cp -r data/evidence "$PKG/carkin/evidence_tables" && cp -r data/calibration "$PKG/carkin/calibrations"
 smoke() {
-    PYTHONPATH="$SITE:src" "$PY" - <<'PY'
+    PYTHONPATH="$SITE:$PKG" "$PY" - <<'PY'
 import jax, numpy as np, carkin as ck
 ck.configure()
 ds = ck.simulate(ck.load_model("cd7_cart"), ck.split(1e7), np.arange(0.0, 29.0, 7.0), n_subjects=8, seed=1,
@@ -48,5 +52,5 @@ install && smoke || {
     install 'diffrax-*' 'equinox-*' 'lineax-*' 'optimistix-*' && smoke
 } || { echo "carkin does not run in this Python"; exit 1; }
 echo "package stack: $STACK"
-PYTHONPATH="$SITE:src" timeout "${CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" \
+PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" \
     --stack "$STACK" "$@"
