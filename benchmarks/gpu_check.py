@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", default="simulate,posthoc,laplace,stream,fit_many",
+                    help="comma-separated steps to run, in their fixed order")
     ap.add_argument("--stack", default="as installed", help="which package versions ran (recorded)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="no step starts after this many seconds")
     a = ap.parse_args(argv)
@@ -218,7 +220,10 @@ def main(argv=None) -> int:
              ("stream", lambda: step_stream(sizes["stream"], sizes["block"], record)),
              ("fit_many", lambda: step_fit_many(sizes["fit_many"], sizes["nuts"], record)))
     warnings.simplefilter("ignore")
+    wanted = set(a.steps.split(","))
     for name, run in steps:
+        if name not in wanted:
+            continue
         if time.perf_counter() - started > a.budget_s:
             record["steps"][name] = "skipped: time budget spent"
             continue

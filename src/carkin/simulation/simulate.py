@@ -365,7 +365,8 @@ def simulate(
         for out in pending:
             parts.append(in_order(out))
             bar.update(1)
-        results.append(jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts))
+        # one chunk needs no copy (measured: the copy was a quarter of a GPU call's time at 2^15 subjects)
+        results.append(jax.tree.map(lambda *xs: xs[0][:n] if len(xs) == 1 else np.concatenate(xs)[:n], *parts))
     bar.close()
     ds = _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
     ds.attrs["engine"] = engine
