@@ -275,3 +275,27 @@ def test_many_datasets_at_once_match_one_at_a_time(stein):
         np.testing.assert_allclose(np.diag(many["covariance"][r]), np.diag(one.covariance), rtol=1e-3)
     with pytest.raises(InputError, match="method must be"):
         fit_many(problem, y, blq, method="saem")
+
+
+def test_nested_potential_is_the_exact_marginal_posterior_where_the_model_is_linear_gaussian(stein):
+    """The nested-Laplace potential (NUTS over the population parameters alone) against quadrature of the
+    marginal likelihood, the priors and the log transforms' Jacobian; its custom gradient against central
+    differences."""
+    import jax
+
+    data, truth, model = stein
+    data = data.subset(data.ids[:8])
+    problem = make_problem(model, data, estimate=("cmax",), variability=("cmax",))
+    meas, _ = simulate(data, truth, ("cmax",), seed=1)
+    potential, ob = laplace.nested_potential(problem, np.zeros((8, 1)), meas)
+    values = {s: truth[s] * 1.1 for s in problem.priors}
+    u = np.log([values[s] for s in ob.sites])  # every site here is positive: u = log value
+    shifted = dict(truth, **values)
+    reference = (neg_log_marginal_aghq(data, shifted, ("cmax",), meas, nodes=30)
+                 - sum(float(problem.priors[s].log_prob(values[s])) for s in ob.sites) - u.sum())
+    assert float(potential(jnp.asarray(u))) == pytest.approx(reference, rel=1e-10)
+    grad = np.asarray(jax.grad(potential)(jnp.asarray(u)))
+    for k in range(u.size):
+        e = np.eye(u.size)[k] * 1e-4
+        fd = (float(potential(jnp.asarray(u + e))) - float(potential(jnp.asarray(u - e)))) / 2e-4
+        assert grad[k] == pytest.approx(fd, rel=1e-6, abs=1e-6), ob.sites[k]
