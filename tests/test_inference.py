@@ -145,6 +145,25 @@ def test_centred_random_effect_is_the_same_posterior(small, stein):
     assert float(ours) == pytest.approx(expected, rel=LOGDENS_RTOL)
 
 
+def test_centred_start_and_automatic_choice(small, stein):
+    """centred_value maps standardised effects to the centred site (h = log tmax + omega z for tmax, z for
+    the rest), and centred='auto' centres the random effects whose eta-shrinkage 1 - SD(z) is below 0.3."""
+    from carkin.fitting.inference import AUTO_CENTRED_SHRINKAGE, auto_centred
+
+    problem = make_problem(stein, small, centred=("tmax",))
+    values = dict(stein.typical, **{f"omega_{p.name}": 0.5 for p in stein.parameters}, sigma_car_copies=0.6)
+    z = np.arange(12.0).reshape(2, 6) / 10
+    h = problem.centred_value(values, z)
+    r = problem.random.index("tmax")
+    np.testing.assert_allclose(h[:, r], math.log(values["tmax"]) + 0.5 * z[:, r], rtol=1e-14)
+    np.testing.assert_array_equal(np.delete(h, r, axis=1), np.delete(z, r, axis=1))
+
+    assert AUTO_CENTRED_SHRINKAGE == 0.3
+    # shrinkage 0, 0.1, 0.5, 0.4, 0.8 and -0.1 (each within 0.04 with 400 subjects)
+    modes = np.random.default_rng(1).standard_normal((400, 6)) * np.array([1.0, 0.9, 0.5, 0.6, 0.2, 1.1])
+    assert auto_centred(make_problem(stein, small), modes) == ("fold", "tmax", "beta")
+
+
 def test_ode_likelihood_path_matches_closed_form(small, stein):
     class SteinByODE(type(stein)):  # the same model solved as an ODE inside the likelihood
         has_closed_form = False

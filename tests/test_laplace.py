@@ -254,6 +254,19 @@ def test_nuts_can_start_at_the_laplace_estimates(stein):
     with pytest.raises(InputError, match="init must be one of"):
         ck.NUTS(init="mode")
 
+    # centred="auto": the random effects the Laplace fit pins down are sampled centred, from its modes
+    from carkin.fitting.inference import auto_centred
+
+    problem = make_problem(model, small, estimate=("cmax", "alpha"), variability=("cmax", "alpha"))
+    modes = laplace.estimate(problem, ck.Laplace(starts=1, covariance=False), progress=False).z
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ck.FitWarning)
+        tree = ck.fit(model, small, estimate=("cmax", "alpha"), variability=("cmax", "alpha"), init="laplace",
+                      centred="auto", chains=1, warmup=10, samples=10, progress=False)
+    assert __import__("json").loads(tree.attrs["settings"])["centred"] == list(auto_centred(problem, modes))
+    with pytest.raises(InputError, match="centred='auto'"):
+        ck.fit(model, small, centred="auto", method="svi", progress=False)
+
 
 def test_many_datasets_at_once_match_one_at_a_time(stein):
     """The batched fit (lockstep BFGS, fit_many(method='laplace')) against scipy's BFGS on each dataset

@@ -59,7 +59,8 @@ def _cmd_fit(args) -> int:
         warnings.simplefilter("always")
         common = dict(estimate=_names(args.estimate), fixed=_assignments(args.fix, "--fix"), error=error,
                       variability=_names(args.variability),
-                      centred=_names(args.centred) or (), seed=args.seed, progress=not args.quiet)
+                      centred="auto" if args.centred == "auto" else (_names(args.centred) or ()), seed=args.seed,
+                      progress=not args.quiet)
         if args.method == "laplace":
             tree = ck.fit(model, data, sampler=ck.Laplace(starts=args.starts, priors=args.map), **common)
         else:
@@ -170,7 +171,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="fix a parameter at a value (repeatable)")
     p.add_argument("--centred", metavar="P1,P2,...",
                    help="random effects to sample centred (mu-referenced), for parameters every subject's data "
-                        "pin down; check the divergences and ESS it gives (default: all non-centred)")
+                        "pin down; 'auto' centres those with eta-shrinkage below 0.3 in a Laplace fit; check the "
+                        "divergences and ESS it gives (default: all non-centred)")
     p.add_argument("--error", metavar="KIND | OBS=KIND,...",
                    help="residual error: log-additive, proportional or combined, for all observables or per "
                         "observable (default: log-additive)")

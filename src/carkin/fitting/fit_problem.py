@@ -181,6 +181,16 @@ class FitProblem:
             raw = numpyro.sample(CENTRED_SITE, dist.Normal(loc, scale).to_event(1))
         return numpyro.deterministic(Z_SITE, (raw - loc) / scale)
 
+    def centred_value(self, params: dict, z):
+        """The sampled site's value (CENTRED_SITE) for standardised random effects ``z`` (S, R): the
+        centred parameters' unconstrained individual values, the others' z (a start for NUTS)."""
+        x = np.asarray(self.x, float).reshape(self.design.n_subjects, -1)
+        typical = np.stack([np.asarray(self.population.typical_unconstrained(params, x, n)) * np.ones(len(x))
+                            for n in self.random], axis=-1)
+        centred = np.array([n in self.centred for n in self.random])
+        omega = np.array([float(params[omega_site(n)]) for n in self.random])
+        return np.where(centred, typical + omega * np.asarray(z), np.asarray(z))
+
 
 def default_priors(model: Model, estimated, random, columns, errors, design: FitDesign, overrides: dict):
     """Priors built from the model's parameter table; ``overrides`` (site -> distribution) win."""

@@ -12,6 +12,7 @@ log_likelihood, posterior_predictive, observed_data, constant_data), with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -56,7 +57,7 @@ from carkin.fitting.predictions import _forward_mode_observables, predict_grid, 
 from carkin.fitting.samplers import NUTS, SVI, Laplace, from_arguments
 from carkin.guards import check_memory, check_seed
 from carkin.model.kinetics import Model
-from carkin.model.population import CENTRED_SITE, Z_SITE  # noqa: F401  (CENTRED_SITE: offered here before)
+from carkin.model.population import CENTRED_SITE, Z_SITE
 
 SVI_STEP_SIZE = 0.01
 SVI_INIT_SCALE = 0.05
@@ -130,8 +131,12 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
                  f"a fit with {n_draws:,} draws of {data.n_obs:,} observations",
                  "draw fewer samples (--samples / svi_draws), or fit a subset of the subjects")
     check_seed(seed)
+    auto = isinstance(centred, str) and centred == "auto"
     problem = make_problem(model, data, estimate=estimate, fixed=fixed, variability=variability,
-                           covariate_effects=covariate_effects, error=error, priors=priors, centred=centred)
+                           covariate_effects=covariate_effects, error=error, priors=priors,
+                           centred=() if auto else centred)
+    if auto and not isinstance(sampler, NUTS):
+        raise InputError("centred='auto' chooses the parameterisation NUTS samples; give method='nuts'")
     key = jax.random.PRNGKey(seed)
     k_fit, k_post = jax.random.split(key)
     if isinstance(sampler, Laplace):
@@ -145,7 +150,13 @@ def fit(model: Model, data, *, estimate=None, fixed=None, variability=None, cova
         draws, mode = _svi(problem, k_fit, steps, n_svi, progress)
     stats, timing = None, {}
     if nuts is not None:
-        start = mode if nuts.init == "svi" else _laplace_start(problem, seed) if nuts.init == "laplace" else None
+        start = mode if nuts.init == "svi" else None
+        if auto or nuts.init == "laplace":
+            laplace_fit = _laplace_fit(problem, seed)
+            if auto:
+                problem = dataclasses.replace(problem, centred=auto_centred(problem, laplace_fit.z))
+            if nuts.init == "laplace":
+                start = _laplace_start(problem, laplace_fit)
         draws, stats, timing = _nuts(problem, k_fit, nuts.chains, nuts.warmup, nuts.samples, nuts.target_accept,
                                      nuts.max_tree_depth, start, progress)
     elapsed = time.perf_counter() - t0
@@ -180,16 +191,31 @@ def prior_report(tree: xr.DataTree) -> list[str]:
             "cannot identify, or report them as prior-informed"]
 
 
-def _laplace_start(problem: FitProblem, seed: int) -> dict:
-    """NUTS's start at a Laplace fit (one start, no covariance step): population estimates and, for
-    non-centred random effects, the modes."""
+AUTO_CENTRED_SHRINKAGE = 0.3  # centre a random effect whose Laplace eta-shrinkage is below this (centred="auto")
+
+
+def _laplace_fit(problem: FitProblem, seed: int):
+    """The Laplace fit NUTS starts from or chooses its parameterisation by (one start, no covariance step)."""
     from carkin.fitting import laplace
 
     if not problem.random:
-        raise InputError("init='laplace' needs parameters with variability; use init='median'")
-    result = laplace.estimate(problem, Laplace(starts=1, covariance=False), seed=seed, progress=False)
+        raise InputError("init='laplace' and centred='auto' need parameters with variability; use init='median'")
+    return laplace.estimate(problem, Laplace(starts=1, covariance=False), seed=seed, progress=False)
+
+
+def auto_centred(problem: FitProblem, z) -> tuple[str, ...]:
+    """The random effects to sample centred: those whose eta-shrinkage at the modes ``z`` (S, R),
+    1 - SD(z), is below AUTO_CENTRED_SHRINKAGE."""
+    shrinkage = 1.0 - np.std(np.asarray(z), axis=0)
+    return tuple(n for n, sh in zip(problem.random, shrinkage) if sh < AUTO_CENTRED_SHRINKAGE)
+
+
+def _laplace_start(problem: FitProblem, result) -> dict:
+    """NUTS's start at a Laplace fit: population estimates and the modes (as the sampled site holds them)."""
     start = {s: np.asarray(v) for s, v in result.values.items()}
-    if not problem.centred:
+    if problem.centred:
+        start[CENTRED_SITE] = problem.centred_value(result.values, result.z)
+    else:
         start[Z_SITE] = np.asarray(result.z)
     return start
 
