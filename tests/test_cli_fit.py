@@ -79,6 +79,9 @@ def test_fit_argument_errors_are_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "fit", str(DATA / "stein_sim.csv"), "--model", "stein_2019", "--out",
                        str(tmp_path / "o"), "--centred", "sigma")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "only parameters with variability" in err
+    code, _, err = run(capsys, "fit", str(DATA / "stein_sim.csv"), "--model", "stein_2019", "--out",
+                       str(tmp_path / "o"), "--centred", "auto", "--method", "svi")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "centred='auto'" in err
     code, _, err = run(capsys, "vpc", str(tmp_path / "missing"))
     assert code == 2 and "no fit found" in err
 
