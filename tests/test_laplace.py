@@ -289,6 +289,7 @@ def test_many_datasets_at_once_match_one_at_a_time(stein):
     # fit_many's default on a CPU: one dataset after another, the same numbers
     serial = fit_many(problem, y, blq, method="laplace")
     np.testing.assert_allclose(serial["objective"], many["objective"], rtol=1e-9)
+    assert (serial["iterations"] > 0).all() and (many["iterations"] > 0).all()  # BFGS iterations, both paths
     with pytest.raises(InputError, match="method must be"):
         fit_many(problem, y, blq, method="saem")
 

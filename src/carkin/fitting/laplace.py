@@ -355,6 +355,7 @@ class LaplaceResult:
     n_evaluations: int
     compile_s: float
     run_s: float
+    iterations: int = 0  # BFGS iterations of the start kept
 
 
 def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0, progress: bool = True,
@@ -436,7 +437,7 @@ def estimate(problem: FitProblem, settings: Laplace | None = None, seed: int = 0
     values = {s: float(v) for s, v in ob.constrain(jnp.asarray(u)).items()}
     return LaplaceResult(values, u, z, value, per, bool(converged), message, cov, cov_message,
                          tuple(r[0] if r is not None else math.inf for r in results), ob.sites, state["n"],
-                         round(compile_s, 3), round(time.perf_counter() - t0 - compile_s, 3))
+                         round(compile_s, 3), round(time.perf_counter() - t0 - compile_s, 3), int(res.nit))
 
 
 def _covariance(value_and_grad, u):
@@ -633,7 +634,7 @@ def _one_at_a_time(problem: FitProblem, y, blq, settings: Laplace, progress: boo
     P = len(sites)
     out.update(u=np.stack([r.u for r in results]), objective=np.array([r.objective for r in results]),
                converged=np.array([r.converged for r in results]),
-               iterations=np.array([r.n_evaluations for r in results]), sites=sites)
+               iterations=np.array([r.iterations for r in results]), sites=sites)
     if settings.covariance:
         out["covariance"] = np.stack([r.covariance if r.covariance is not None else np.full((P, P), np.nan)
                                       for r in results])
