@@ -7,13 +7,15 @@ recorded as such and the rest go on):
    subjects with the default (ensemble) engine; at 10^6 also other lane counts, and the vmapped
    diffrax path (in chunks of 65,536) with the two engines' agreement; the first 100 subjects again
    on the CPU, with the GPU/CPU agreement.
-2. Individual (MAP) estimates for 10^5 subjects (stein_2019, the design of data/stein_sim.csv repeated).
-3. Laplace (FOCE-I) fits of 1,000 replicate datasets on data/stein_sim.csv's design (40 subjects;
+2. The ensemble solve alone at 10^6 subjects on two lane counts, inputs and outputs kept on the
+   device (the solver's own rate, beside simulate's end-to-end one).
+3. Individual (MAP) estimates for 10^5 subjects (stein_2019, the design of data/stein_sim.csv repeated).
+4. Laplace (FOCE-I) fits of 1,000 replicate datasets on data/stein_sim.csv's design (40 subjects;
    fold, cmax, alpha estimated, variability on cmax and alpha) in one batched call, with the Wald
    intervals' coverage; the same fits one dataset at a time on this machine's CPU for comparison.
-4. 10^7 subjects streamed to disk (carkin.stream.simulate_to_netcdf; weekly saves, so the file
+5. 10^7 subjects streamed to disk (carkin.stream.simulate_to_netcdf; weekly saves, so the file
    stays near 5 GB).
-5. fit_many: NUTS on 1,000 simulated stein_2019 datasets (the first 6 subjects' design), one chain each.
+6. fit_many: NUTS on 1,000 simulated stein_2019 datasets (the first 6 subjects' design), one chain each.
 
     python benchmarks/gpu_check.py --out results.json            # the GPU sizes (8-minute budget)
     python benchmarks/gpu_check.py --quick --out /tmp/check.json # the same steps, tiny, to test on a CPU
@@ -38,9 +40,9 @@ import carkin as ck  # noqa: E402
 
 FULL = {"simulate": (100_000, 1_000_000), "stream": 10_000_000, "posthoc": 100_000, "fit_many": 1_000,
         "nuts": (200, 200), "laplace": (1_000, 20), "lanes": (1 << 16, 1 << 20), "diffrax_chunk": 65_536,
-        "block": 1 << 20}
+        "block": 1 << 20, "device_solve": (1_000_000, (1 << 16, 1 << 18))}
 QUICK = {"simulate": (256, 1_024), "stream": 4_096, "posthoc": 512, "fit_many": 4, "nuts": (20, 20),
-         "laplace": (8, 2), "lanes": (512,), "diffrax_chunk": 256, "block": 2_048}
+         "laplace": (8, 2), "lanes": (512,), "diffrax_chunk": 256, "block": 2_048, "device_solve": (1_024, (256,))}
 TIMES = np.arange(0.0, 91.0)
 FLOOR = 1e-3
 
@@ -102,6 +104,36 @@ def step_simulate(sizes, other_lanes, diffrax_chunk, record):
     rows["max_rel_gpu_vs_cpu_100_subjects"] = max(_max_rel(ds[o.name].values[:100], cpu[o.name].values)
                                                   for o in model.observables)
     record["simulate"] = rows
+
+
+def step_device_solve(n, lanes_list, record):
+    """The ensemble solve alone at ``n`` subjects, inputs and outputs kept on the device (no copy to
+    the host, no Dataset): what the solver itself does, beside simulate's end-to-end rate."""
+    import jax
+
+    from carkin.simulation.ensemble import solve_ensemble
+
+    model = ck.load_model("cd7_cart")
+    pop = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=2, progress=False)
+    theta = np.stack([pop[p].values for p in model.parameter_names], 1)
+    cov = np.stack([pop[c.name].values for c in model.covariates], 1)
+    dose_t = np.broadcast_to(np.array([0.0, 1.0, 2.0]), (n, 3))
+    cells = np.array([0.1, 0.3, 0.6]) * 1e7 * pop[model.role("weight")].values[:, None]
+    device = jax.devices()[0]
+    args = [jax.device_put(np.asarray(a, float), device) for a in (TIMES, dose_t, cells, theta, cov)]
+    rows = {}
+    for lanes in lanes_list:
+        solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes))
+        t0 = time.perf_counter()
+        jax.block_until_ready(solve(*args))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ys, ok, steps = jax.block_until_ready(solve(*args))
+        run_s = time.perf_counter() - t0
+        rows[f"lanes_{lanes}"] = {"subjects": n, "subjects_per_s": n / run_s, "run_s": run_s,
+                                  "compile_and_run_s": first, "failed": int((~np.asarray(ok)).sum()),
+                                  "mean_steps": float(np.mean(np.asarray(steps)))}
+        record["device_solve"] = rows
 
 
 def step_stream(n, block, record):
@@ -198,7 +230,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", default="simulate,posthoc,laplace,stream,fit_many",
+    ap.add_argument("--steps", default="simulate,device_solve,posthoc,laplace,stream,fit_many",
                     help="comma-separated steps to run, in their fixed order")
     ap.add_argument("--stack", default="as installed", help="which package versions ran (recorded)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="no step starts after this many seconds")
@@ -215,6 +247,7 @@ def main(argv=None) -> int:
                     "numpyro": numpyro.__version__, "quick": a.quick, "stack": a.stack, "steps": {}}
     started = time.perf_counter()
     steps = (("simulate", lambda: step_simulate(sizes["simulate"], sizes["lanes"], sizes["diffrax_chunk"], record)),
+             ("device_solve", lambda: step_device_solve(*sizes["device_solve"], record)),
              ("posthoc", lambda: step_posthoc(sizes["posthoc"], record)),
              ("laplace", lambda: step_laplace(*sizes["laplace"], record)),
              ("stream", lambda: step_stream(sizes["stream"], sizes["block"], record)),
