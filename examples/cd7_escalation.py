@@ -32,7 +32,7 @@ import pandas as pd
 import carkin as ck
 from carkin.outputs import Outputs
 from carkin.plots import plot_dose_response, plot_endpoints, whatif_table
-from carkin.trials.protocol import comparable_check, read_protocol, simulate_protocol
+from carkin.trials.protocol import arms_agreement, comparable_check, read_protocol, simulate_protocol
 from carkin.trials.whatif import summarize
 
 ck.configure()  # every CPU core a JAX device; compiled programs cached on disk
@@ -166,11 +166,13 @@ def main(argv=None) -> int:
               f"[{_pct(c['p_dlt_p05'])}-{_pct(c['p_dlt_p95'])}] vs published {int(c['published_events'])}/"
               f"{int(c['published_n'])} ({_pct(c['interval_low'])}-{_pct(c['interval_high'])}): "
               f"{'inside' if c['passed'] else 'OUTSIDE'}; {c['note']}")
+        if arms_agreement(c):
+            print(f"    {arms_agreement(c)}")
         if c["known_failure"]:
             print(f"    known failure: {c['known_failure']}")
-    print("Where the evidence is thin: no published CD7 arm used a split infusion, or a dose between 2e6 and "
-          "1e7/kg or above 1.5e7/kg; there the numbers rest on the model's structure and the link's calibration on "
-          "other doses and products (data/evidence/README.md).")
+    print("Where the evidence is thin: no published CD7 arm used a split infusion or a dose above 1.5e7/kg, and "
+          "between 2e6 and 1e7/kg only WU-CART-007's mixed flat doses reach; there the numbers rest on the model's "
+          "structure and the link's calibration on other doses and products (data/evidence/README.md).")
 
     t0 = time.perf_counter()
     published = [{"dose_per_kg": c["dose_per_kg"], "p": c["published_events"] / c["published_n"],

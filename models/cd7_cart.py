@@ -20,7 +20,8 @@ Calibration and evidence (``carkin qualify cd7_cart`` holds the model against ev
     peak level (NCT05290155: median 62,390 copies/µg, citation incomplete) is 2.8-fold above
     the model's, and its median Tmax (day 12) two days later: both marked as known failures.
     Toxicity: the grade >= 3 CRS arms enter the toxicity link's calibration (carkin.toxicity);
-    the one CD7 arm at 1e7/kg (GC027, 5/5, allogeneic) is not reached (link: 37%).
+    of the two allogeneic CD7 arms near 1e7/kg the link (37%) meets WU-CART-007 (5/26) and
+    misses GC027 (5/5); the two disagree with each other (exact test p = 0.0015).
     Not identified by any evidence row (assumptions): the expansion parameters (rho, k_a, k_ld,
     g_inf, k_c, f_blood: carried from tisagenlecleucel), exhaustion, fratricide (k_fr and the
     product types' phi), the normal-cell dynamics (r_n, s_n) and the measurement constants.
@@ -305,7 +306,14 @@ CLAIMS = (
                         "patients (95% CI 48-100%). Either severe CRS rises more steeply with dose than the early "
                         "exposure of this model implies, or the allogeneic product differs; five patients weigh "
                         "little against the 186 of the 1e6/kg arms, and other allogeneic CD7 products near this "
-                        "dose saw far less (wucart007_all_crs_grade3plus 5/26, rd1301_all_crs_grade3plus 0/12)"),
+                        "dose saw far less (wucart007_all_crs_grade3plus 5/26, met by the link at 37%; "
+                        "rd1301_all_crs_grade3plus 0/12, dose not known). GC027 and WU-CART-007 disagree with each "
+                        "other (exact test p = 0.0015): no single rate at 1e7/kg meets both"),
+    Claim("wucart007_all_crs_grade3plus", options=(("product_type", "knockout"),), dose_per_kg=1e7,
+          age_years=(12.0, 65.0),
+          note="allogeneic TRAC/CD7-knockout product at flat 100-900e6 cells, 13 of 26 at 900e6: about 0.9e7/kg on "
+               "average at 70 kg, taken as 1e7/kg (assumption: CRS is not split by dose); ages 12-65 and the default "
+               "burden are assumptions"),
     Claim("oh2024_all_crs_grade3plus", options=(("product_type", "pebl"),), **RR,
           note=RR_NOTE + "; 'low CAR-T dosing' (level not in the stored abstract): 1e6/kg assumed"),
     Claim("scrna2023_all_cd7pos_t_elimination", options=(("product_type", "knockout"),), **RR, tolerance=(0.0, 11.0),

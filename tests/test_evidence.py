@@ -43,6 +43,30 @@ def test_clopper_pearson_matches_scipy_exact_interval():
         assert evidence.clopper_pearson(k, n) == pytest.approx((ci.low, ci.high), abs=EXACT)
 
 
+def test_homogeneity_test_of_two_arms_is_fishers_exact_test():
+    for a, b in [((5, 5), (5, 26)), ((0, 12), (5, 26)), ((2, 20), (1, 20)), ((7, 60), (0, 17)), ((30, 63), (4, 15))]:
+        table = [[a[0], a[1] - a[0]], [b[0], b[1] - b[0]]]
+        assert evidence.homogeneity_p_value([a[0], b[0]], [a[1], b[1]]) == pytest.approx(
+            stats.fisher_exact(table).pvalue, rel=1e-9)
+
+
+def test_homogeneity_test_of_several_arms_matches_brute_force_enumeration():
+    import itertools
+
+    events, n = [2, 1, 5, 0], [9, 7, 12, 6]
+    total = sum(events)
+
+    def prob(x):  # multivariate hypergeometric probability of a table, given the total
+        return math.prod(math.comb(k, j) for k, j in zip(n, x)) / math.comb(sum(n), total)
+
+    tables = [x for x in itertools.product(*(range(k + 1) for k in n)) if sum(x) == total]
+    assert sum(prob(x) for x in tables) == pytest.approx(1.0, rel=1e-12)
+    observed = prob(events)
+    expected = sum(prob(x) for x in tables if prob(x) <= observed * (1 + 1e-7))
+    assert evidence.homogeneity_p_value(events, n) == pytest.approx(expected, rel=1e-9)
+    assert evidence.homogeneity_p_value([3, 3, 3], [10, 10, 10]) == pytest.approx(1.0)
+
+
 def test_proportion_tolerance_is_the_exact_interval_of_events_over_n():
     r = evidence.row("lu2022_all_mrd_neg_cr_bm_d28")  # 19/20
     tol = evidence.tolerance(r)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from scipy import stats
 
 from carkin.cli import main
 from carkin.protocol import ProtocolError, read_protocol
@@ -143,6 +144,14 @@ def test_comparable_arms_are_checked_against_the_whatif(tmp_path, capsys):
         cell = ds["p_dlt"].sel(dose=c["dose_per_kg"], schedule="single")
         assert c["p_dlt"] == pytest.approx(float(cell.mean()), rel=1e-12)
         assert c["passed"] == (c["interval_low"] <= c["p_dlt"] <= c["interval_high"])
+        assert [a["row"] for a in c["arms"]] == c["rows"]
+        for a in c["arms"]:
+            assert a["inside"] == (a["interval_low"] <= c["p_dlt"] <= a["interval_high"])
+    # the 1e7/kg arms (GC027 5/5, WU-CART-007 5/26) disagree: Fisher's exact test, computed independently
+    high = checks[1]
+    assert [(a["events"], a["n"]) for a in high["arms"]] == [(5.0, 5.0), (5.0, 26.0)]
+    assert high["homogeneity_p"] == pytest.approx(stats.fisher_exact([[5, 0], [5, 21]]).pvalue, rel=1e-9)
+    assert checks[0]["homogeneity_p"] > 0.5  # the six 1e6/kg arms agree
 
 
 @pytest.mark.slow

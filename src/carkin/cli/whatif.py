@@ -97,7 +97,7 @@ def _cmd_whatif(args) -> int:
 
 def _print_comparable(protocol, ds) -> None:
     """P(DLT) of the what-if arms against the published arms the protocol file names as comparable."""
-    from carkin.trials.protocol import comparable_check
+    from carkin.trials.protocol import arms_agreement, comparable_check
 
     checks = comparable_check(protocol, ds)
     if not checks:
@@ -111,6 +111,10 @@ def _print_comparable(protocol, ds) -> None:
     print("P(DLT) against comparable published arms (grade >= 3 CRS, 95% Clopper-Pearson interval of the pooled "
           "arms; other doses have no comparable arm):")
     print(_table(rows, ["dose (cells/kg)", "schedule", "carkin P(DLT)", "published", "95% interval", "inside"]))
+    for c in checks:
+        line = arms_agreement(c)
+        if line:
+            print(f"  {_fmt(c['dose_per_kg'])} {c['schedule']}: {line}")
 
 
 def add_parser(sub, fmt) -> None:

@@ -187,6 +187,42 @@ def clopper_pearson(events: float, n: float, level: float = LEVEL) -> tuple[floa
     return lo, hi
 
 
+MAX_TABLES = 2_000_000  # enumeration limit of the exact homogeneity test
+
+
+def homogeneity_p_value(events, n) -> float:
+    """Exact test that k arms (events_i of n_i) share one event probability (Freeman-Halton, the
+    k x 2 extension of Fisher's exact test): given the total, tables are multivariate hypergeometric,
+    and the p-value sums the probabilities of the tables no more probable than the observed one.
+    Beyond MAX_TABLES tables, the chi-square test of homogeneity instead."""
+    x = [int(round(e)) for e in events]
+    m = [int(round(k)) for k in n]
+    total = sum(x)
+    log_c = [[math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1) for j in range(k + 1)] for k in m]
+    observed = sum(log_c[i][x[i]] for i in range(len(m)))
+    room = np.cumsum(m[::-1])[::-1].tolist() + [0]  # events the arms from i on can still hold
+    ways = [1] + [0] * total  # tables of the arms so far, by the events they hold
+    for k in m:
+        ways = [sum(ways[t - j] for j in range(min(k, t) + 1)) for t in range(total + 1)]
+    count = ways[total]
+    if count > MAX_TABLES:
+        return float(stats.chi2_contingency(np.array([x, [k - e for k, e in zip(m, x)]]).T)[1])
+    parts = []
+
+    def walk(i, left, logp):
+        if i == len(m) - 1:
+            if left <= m[i]:
+                parts.append(logp + log_c[i][left])
+            return
+        for j in range(max(0, left - room[i + 1]), min(m[i], left) + 1):
+            walk(i + 1, left - j, logp + log_c[i][j])
+
+    walk(0, total, 0.0)
+    logs = np.array(parts)
+    keep = logs <= observed + 1e-7 * max(1.0, abs(observed))  # ties within round-off count as "as extreme"
+    return float(min(1.0, np.exp(logs[keep] - logs.max()).sum() / np.exp(logs - logs.max()).sum()))
+
+
 def sd_log_from_cv(cv_percent: float) -> float:
     """Log-scale SD of a log-normal quantity from its geometric CV%."""
     return math.sqrt(math.log1p((cv_percent / 100.0) ** 2))

@@ -62,16 +62,28 @@ class ComparableArms:
     note: str = ""
     known_failure: str = ""  # why the calibrated link does not reach these arms (the check stays, marked)
 
-    def pooled(self) -> tuple[float, float]:
-        """(events, n) over the rows."""
+    def counts(self) -> list[tuple[float, float]]:
+        """(events, n) of each row."""
         from carkin.qualification import evidence
 
-        events = n = 0.0
+        out = []
         for r in self.rows:
             row = evidence.row(r)
-            n += row.n
-            events += row.events if math.isfinite(row.events) else round(row.value * row.n)
-        return events, n
+            out.append((row.events if math.isfinite(row.events) else round(row.value * row.n), row.n))
+        return out
+
+    def pooled(self) -> tuple[float, float]:
+        """(events, n) over the rows."""
+        counts = self.counts()
+        return sum(e for e, _ in counts), sum(n for _, n in counts)
+
+    def homogeneity(self) -> float:
+        """Exact p-value that the rows share one event rate (1.0 for a single row): a small value says the
+        arms disagree with each other, and their pooled interval averages over that disagreement."""
+        from carkin.qualification.evidence import homogeneity_p_value
+
+        counts = self.counts()
+        return 1.0 if len(counts) < 2 else homogeneity_p_value(*zip(*counts))
 
     def interval(self) -> tuple[float, float]:
         from carkin.qualification.evidence import clopper_pearson
@@ -329,7 +341,10 @@ def _comparable(table: dict, path: str) -> tuple:
 
 def comparable_check(protocol: Protocol, whatif: xr.Dataset) -> list[dict]:
     """For every dose and schedule with comparable published arms: the what-if population's P(DLT)
-    (mean over draws where there are draws) against the pooled arms' 95% binomial interval."""
+    (mean over draws where there are draws) against the pooled arms' 95% binomial interval, with each
+    arm's own interval and the exact test of whether the arms agree with each other."""
+    from carkin.qualification.evidence import clopper_pearson
+
     out = []
     for c in protocol.comparable:
         cell = whatif["p_dlt"].sel(dose=c.dose_per_kg)
@@ -341,12 +356,35 @@ def comparable_check(protocol: Protocol, whatif: xr.Dataset) -> list[dict]:
         per_draw = p.mean("subject").values
         lo, hi = c.interval()
         events, n = c.pooled()
-        out.append({"dose_per_kg": c.dose_per_kg, "schedule": match[0], "p_dlt": float(np.mean(per_draw)),
+        p_dlt = float(np.mean(per_draw))
+        arms = []
+        for row, (e, m) in zip(c.rows, c.counts()):
+            a_lo, a_hi = clopper_pearson(e, m)
+            arms.append({"row": row, "events": e, "n": m, "interval_low": a_lo, "interval_high": a_hi,
+                         "inside": bool(a_lo <= p_dlt <= a_hi)})
+        out.append({"dose_per_kg": c.dose_per_kg, "schedule": match[0], "p_dlt": p_dlt,
                     "p_dlt_p05": float(np.percentile(per_draw, 5)), "p_dlt_p95": float(np.percentile(per_draw, 95)),
                     "published_events": events, "published_n": n, "interval_low": lo, "interval_high": hi,
-                    "passed": bool(lo <= float(np.mean(per_draw)) <= hi), "rows": list(c.rows), "note": c.note,
-                    "known_failure": c.known_failure})
+                    "passed": bool(lo <= p_dlt <= hi), "rows": list(c.rows), "arms": arms,
+                    "homogeneity_p": c.homogeneity(), "note": c.note, "known_failure": c.known_failure})
     return out
+
+
+HETEROGENEITY_ALPHA = 0.05  # below this, comparable arms are reported as disagreeing with each other
+
+
+def arms_agreement(check: dict) -> str:
+    """One line on a comparable check with several arms: whether they agree with each other (exact test),
+    and which arms' own intervals miss carkin's P(DLT); empty for a single arm."""
+    if len(check["arms"]) < 2:
+        return ""
+    p = check["homogeneity_p"]
+    agree = ("the arms agree" if p >= HETEROGENEITY_ALPHA else
+             "the arms DISAGREE with each other, so the pooled interval averages over that disagreement")
+    missed = [f"{a['row']} {int(a['events'])}/{int(a['n'])} ({100 * a['interval_low']:.1f}-"
+              f"{100 * a['interval_high']:.1f}%)" for a in check["arms"] if not a["inside"]]
+    where = f"outside its own arm's interval: {', '.join(missed)}" if missed else "inside every arm's own interval"
+    return f"exact test of one common rate p = {p:.2g} ({agree}); {where}"
 
 
 def _visits(ds: xr.Dataset, variable: str, days) -> xr.DataArray:
