@@ -48,7 +48,8 @@ Evidence and calibration (``carkin qualify cd7_carnk``)
       identify the rates, so they stay assumptions.
     * CRS: no CRS of any grade in Liu 2020 (0/11) and no grade >= 3 CRS with FT596 (0/86) enter
       the toxicity link's calibration, which gives CAR-NK cells their own log-odds offset
-      (-3.7; carkin.toxicity.OFFSETS): P(grade >= 3 CRS) of about 1-4% at 1-5e7/kg.
+      (-3.5; carkin.trials.toxicity.MODEL_OFFSETS): P(grade >= 3 CRS) of about 1% at 1e7/kg and
+      3% at 5e7/kg in the accelerated-titration protocol (means over 20 calibration draws).
     * Tumour and normal-cell parameters are cd7_cart's (shared code), including its calibrated
       f_r and r_t; killing and expansion values are assumptions, so this model's response and
       relapse figures are not evidence-based (no CD7 CAR-NK efficacy data exist).

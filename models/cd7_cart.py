@@ -14,13 +14,13 @@ Calibration and evidence (``carkin qualify cd7_cart`` holds the model against ev
     Zhang 2023, 12-month PFS 15%, 8/10 relapsed; CD7-negative share of relapses: Tan 2023 4/6),
     d_m and its SD (persistence through relapse). Priors (the former assumption values) and
     posterior draws are in the calibration file; the Metropolis chain's effective sample sizes
-    are small (about 50 of 3000 steps), so the intervals are rough.
+    are small (59-143 of 3000 steps), so the intervals are rough.
     Held out (validation): CR by day 28 (Pan 2021 18/20), MRD-negative CR with PEBL (Oh 2024
     16/17), CD7+ T cells gone from blood by day 11 (n=7), all within tolerance; the only CD7
     peak level (NCT05290155: median 62,390 copies/µg, citation incomplete) is 2.8-fold above
     the model's, and its median Tmax (day 12) two days later: both marked as known failures.
     Toxicity: the grade >= 3 CRS arms enter the toxicity link's calibration (carkin.toxicity);
-    of the two allogeneic CD7 arms near 1e7/kg the link (37%) meets WU-CART-007 (5/26) and
+    of the two allogeneic CD7 arms near 1e7/kg the link (32%; 31% for that arm) meets WU-CART-007 (5/26) and
     misses GC027 (5/5); the two disagree with each other (exact test p = 0.0015).
     Not identified by any evidence row (assumptions): the expansion parameters (rho, k_a, k_ld,
     g_inf, k_c, f_blood: carried from tisagenlecleucel), exhaustion, fratricide (k_fr and the
@@ -302,11 +302,11 @@ CLAIMS = (
     Claim("gc027_asco2020_crs_grade3plus", "calibration", options=(("product_type", "knockout"),),
           age_years=(18.0, 60.0), note="allogeneic TRAC/CD7-knockout product at 1e7/kg (0.6-1.5e7): the only CD7 "
                                        "arm ten-fold above the others; ages 18-60 and default burden assumed",
-          known_failure="the link, fitted to every arm, gives this arm 37%; GC027 saw grade >= 3 CRS in all 5 "
+          known_failure="the link, fitted to every arm, gives this arm 32%; GC027 saw grade >= 3 CRS in all 5 "
                         "patients (95% CI 48-100%). Either severe CRS rises more steeply with dose than the early "
                         "exposure of this model implies, or the allogeneic product differs; five patients weigh "
                         "little against the 186 of the 1e6/kg arms, and other allogeneic CD7 products near this "
-                        "dose saw far less (wucart007_all_crs_grade3plus 5/26, met by the link at 37%; "
+                        "dose saw far less (wucart007_all_crs_grade3plus 5/26, met by the link at 31%; "
                         "rd1301_all_crs_grade3plus 0/12, dose not known). GC027 and WU-CART-007 disagree with each "
                         "other (exact test p = 0.0015): no single rate at 1e7/kg meets both"),
     Claim("wucart007_all_crs_grade3plus", options=(("product_type", "knockout"),), dose_per_kg=1e7,

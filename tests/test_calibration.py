@@ -13,7 +13,7 @@ from scipy import stats
 from carkin import calibration, evidence
 from carkin.arms import Claim, Outcome
 from carkin.library import load_model
-from carkin.toxicity import DLTModel
+from carkin.toxicity import DLTModel, default_dlt_model
 from carkin.uncertainty import draws, result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,31 @@ def test_km_estimate_with_a_ci_uses_its_effective_n():
     assert calibration.log_likelihood(row, Claim(row.row_id), Outcome(0.5, 400)) == pytest.approx(want, rel=1e-9)
 
 
+def test_laplace_covariance_of_a_gaussian_is_its_covariance():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((5, 5))
+    cov = a @ a.T + 0.5 * np.eye(5)
+    prec = np.linalg.inv(cov)
+    logp = lambda x: -0.5 * (x - 0.3) @ prec @ (x - 0.3)  # noqa: E731  # central differences are exact here
+    np.testing.assert_allclose(calibration.laplace_covariance(logp, np.full(5, 0.3), np.full(5, 0.1)), cov,
+                               rtol=1e-8, atol=1e-8)
+    assert calibration.laplace_covariance(lambda x: float(x @ x), np.zeros(2), [0.1, 0.1]) is None  # a minimum
+
+
+def test_metropolis_started_from_the_laplace_covariance_mixes_a_correlated_posterior():
+    # ten correlated dimensions, warm-up and chain as long as the calibration's (1000 + 3000)
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((10, 10))
+    cov = a @ a.T + 0.05 * np.eye(10)
+    prec = np.linalg.inv(cov)
+    logp = lambda x: -0.5 * x @ prec @ x  # noqa: E731
+    laplace = calibration.laplace_covariance(logp, np.zeros(10), np.full(10, 0.1))
+    ess = [min(calibration._ess(calibration.metropolis(logp, np.zeros(10), np.full(10, 0.05), 1000, 3000,
+                                                       np.random.default_rng(1), cov0=c)[0]))
+           for c in (None, laplace)]
+    assert ess[1] > 3 * ess[0]  # about 30 against 7
+
+
 def test_metropolis_recovers_a_correlated_gaussian():
     cov = np.array([[1.0, 0.8], [0.8, 2.0]])
     prec = np.linalg.inv(cov)
@@ -76,6 +101,9 @@ def test_toxicity_link_defaults_are_the_calibrated_mode():
     link = DLTModel()
     for k in ("intercept", "slope_peak", "slope_burden"):
         assert getattr(link, k) == pytest.approx(res["mode"][k], rel=MODE_RTOL), k
+    for name in ("cd7_carnk", "cd19_cart"):
+        assert default_dlt_model(name).offset == pytest.approx(res["mode"][f"offset.{name}"], rel=MODE_RTOL), name
+    assert default_dlt_model("cd7_cart").offset == 0.0  # the reference class: no offset
 
 
 def test_draws_pair_population_values_with_a_link():

@@ -59,7 +59,7 @@ def rhs(t, y, p):
         stim * e - (p["d_e"] + p["k_em"]) * e,
         p["k_em"] * e - p["d_m"] * m,
         p["rho_l"] * lk * room - h * lk,
-        p["d_b"] * p["bn_norm"] * room - p["d_b"] * b - h * b,
+        p["d_b"] * p["bn_norm"] * room * np.exp(-h * p["tau_pre"]) - p["d_b"] * b - h * b,
         p["rho_l"] * ln * room,
     ])
 

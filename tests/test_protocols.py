@@ -190,11 +190,20 @@ def test_only_the_known_protocols_lack_comparable_arms():
 def test_seed_protocol_p_dlt_lies_in_the_comparable_published_arms(path):
     """The acceptance check: each seed protocol's P(DLT), over 20 calibration draws of its own population,
     inside the 95% interval of the published arms its file names as comparable (or marked, with the reason)."""
+    import warnings
+
     from carkin.protocol import comparable_check, simulate_protocol
+    from carkin.simulation.simulate import SimulationWarning
 
     protocol = read_protocol(path)
     assert protocol.comparable, protocol.id
-    ds = simulate_protocol(protocol, seed=1, calibration=True, n_draws=20)
+    with warnings.catch_warnings(record=True) as caught:
+        # a calibration draw's tail (cd7_cart: omega_d_m 4.1, memory loss up to ~8,000/day in a few
+        # virtual patients) can exceed the solver's step limit: such solves must be flagged and rare
+        warnings.simplefilter("always", SimulationWarning)
+        ds = simulate_protocol(protocol, seed=1, calibration=True, n_draws=20)
+    failed = float(ds["failed"].mean())
+    assert failed < 1e-3 and (failed == 0) == (not caught), (failed, [str(w.message) for w in caught])
     for c in comparable_check(protocol, ds):
         detail = (f"{protocol.id} {c['dose_per_kg']:g} {c['schedule']}: P(DLT) {c['p_dlt']:.3f}, published "
                   f"{c['published_events']:.0f}/{c['published_n']:.0f} "

@@ -248,6 +248,10 @@ class Outcome:
 NCA_NAMES = {"terminal_half_life": "half_life", "contraction_half_life": "half_life_contraction"}
 KINETIC = ("cmax", "tmax", "auc_0_28", "terminal_half_life", "contraction_half_life", "tlast", "fold_expansion")
 NORMAL_DETECTION_LIMIT = 1.0  # cells/µL: normal T/NK cells "not detected" by flow (assumption)
+# cells/µL: B-cell aplasia below this (assumption: 1% CD19+ of about 1,000 lymphocytes/µL after
+# lymphodepletion; one tisagenlecleucel report calls aplasia lost above 1% CD19+ or 100 CD19+ cells/µL:
+# a preprint, flamechallenge.authorea.com/users/453372/articles/614197, Methods)
+B_CELL_APLASIA_PER_UL = 10.0
 
 
 def _role(model: Model, role: str) -> str:
@@ -355,6 +359,11 @@ def statistic(model: Model, claim: Claim, row: evidence.Row, ds: xr.Dataset, dlt
         if row.subgroup in ("responders", "cr_no_transplant"):  # among responders: P(no relapse | response)
             return Outcome(float(np.sum(ok * free) / max(np.sum(ok * resp), 1e-12)), float(np.sum(ok * resp)))
         return _weighted(free, ok, "mean")
+    if q == "b_cell_aplasia_relapse_free":  # in remission, not relapsed, and B cells aplastic at t (of all)
+        ok = (~ds["failed"].values).astype(float)
+        free = response(model, ds, 90.0, smooth=smooth) - relapse(model, ds, t, smooth)
+        aplastic = _below(ds[_role(model, "normal")].sel(time=t).values, B_CELL_APLASIA_PER_UL, smooth)
+        return _weighted(free * aplastic, ok, "mean")
     if q == "cd_negative_relapse":
         escape, tumour = ds[_role(model, "escape")].sel(time=t).values, ds[_role(model, "tumour")].sel(time=t).values
         with np.errstate(invalid="ignore"):  # failed solves (NaN) carry no weight

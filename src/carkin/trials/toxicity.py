@@ -8,14 +8,14 @@
 tisagenlecleucel patients: Levine et al. 2021, toxicity.csv row levine2021_pooled_crs_onset),
 rather than the peak of the whole course (days 10-14), which expansion limited by antigen makes
 almost the same at every dose. Among windows of 3 to 6 days the 3-day one fitted the
-toxicity table best (log posterior -14.9, against -17.3, -20.4 and -23.5 for 4, 5 and 6 days).
+toxicity table best (log posterior -17.9, against -18.3, -19.6 and -20.9 for 4, 5 and 6 days).
 ``burden`` is the baseline tumour burden (the model covariate ``burden_covariate``, marrow
-blast %); ``offset`` shifts the log-odds for a class of product (CAR-NK cells, whose arms report
-no severe CRS at all). The DLT is severe cytokine release syndrome (grade >= 3),
-the dominant DLT of CAR-T dose escalation. The coefficients are the mode of the link's
-calibration against the toxicity table (calibration/calibrate.py, data/calibration/toxicity.json,
-which also holds their draws); users override any of them with ``dataclasses.replace`` or a
-protocol file's ``[toxicity]`` table.
+blast %); ``offset`` shifts the log-odds for a model or class of product (CAR-NK cells, whose arms
+report no severe CRS at all; cd19_cart, whose arms are graded on the Penn scale). The DLT is severe
+cytokine release syndrome (grade >= 3), the dominant DLT of CAR-T dose escalation. The
+coefficients are the mode of the link's calibration against the toxicity table
+(calibration/calibrate.py, data/calibration/toxicity.json, which also holds their draws); users
+override any of them with ``dataclasses.replace`` or a protocol file's ``[toxicity]`` table.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ def _logit(p: float) -> float:
 class DLTModel:
     """Logistic DLT probability from early CAR exposure and baseline tumour burden."""
 
-    intercept: float = -0.1859
-    slope_peak: float = 2.115  # per log10 of the early exposure
-    slope_burden: float = 1.666  # per log10 of the burden
+    intercept: float = -0.4475
+    slope_peak: float = 1.947  # per log10 of the early exposure
+    slope_burden: float = 1.404  # per log10 of the burden
     peak_observable: str | None = None  # None: the model's exposure role (see for_model)
     peak_reference: float = 1e4  # copies/µg gDNA
     burden_covariate: str | None = None  # None: the model's burden role; a model without one has no burden term
     burden_reference: float = 10.0  # % marrow blasts
     window_end_day: float = CRS_WINDOW_DAYS
-    offset: float = 0.0  # log-odds shift for the product class (calibrated for CAR-NK cells)
+    offset: float = 0.0  # log-odds shift for a model or product class (calibrated: MODEL_OFFSETS)
     name: str = "severe CRS (grade >= 3)"
     source: str = CALIBRATED
 
@@ -94,19 +94,23 @@ class DLTModel:
                 f"log10({self.burden_covariate or 'burden'}/{self.burden_reference:g})); {self.source}")
 
 
-# log-odds offsets by the model's cell type, calibrated with the link (data/calibration/toxicity.json,
-# fitted on the cd7_carnk arms)
-OFFSETS = {"CAR-NK": -3.724}
+# log-odds offsets calibrated with the link (data/calibration/toxicity.json): for a library model's own arms,
+# and for any other model of a cell type whose arms were fitted (the CAR-NK offset, from the cd7_carnk arms).
+# cd19_cart's offset carries, among other things, the Penn grading of the CD19 arms, which counts more
+# grade >= 3 CRS than ASTCT (JULIET regrading, data/evidence/physiology.csv).
+MODEL_OFFSETS = {"cd7_carnk": -3.471, "cd19_cart": 0.7682}
+CELL_TYPE_OFFSETS = {"CAR-NK": MODEL_OFFSETS["cd7_carnk"]}
 
 
 def default_dlt_model(model) -> DLTModel:
-    """The calibrated link for ``model`` (a model or a library name): the offset of its cell type, and the
-    names it reads from the model's roles."""
+    """The calibrated link for ``model`` (a model or a library name): its own offset (or its cell type's), and
+    the names it reads from the model's roles."""
     if isinstance(model, str):
         from carkin.model.library import load_model
 
         model = load_model(model)
-    return DLTModel(offset=OFFSETS.get(model.cell_type, 0.0)).for_model(model)
+    offset = MODEL_OFFSETS.get(model.name, CELL_TYPE_OFFSETS.get(model.cell_type, 0.0))
+    return DLTModel(offset=offset).for_model(model)
 
 
 def dlt_model_for(model) -> DLTModel:
