@@ -246,7 +246,8 @@ def stan_init(model, data: dict) -> dict:
     }
 
 
-R_COMPILE = r"""
+# compiles {stan_file} into sm (saved as model.rds); Debian's rstan needs the system Boost found for it
+R_STAN_MODEL = r"""
 suppressPackageStartupMessages(library(rstan))
 source("inputs.R")
 boost <- rstan_options("boost_lib")
@@ -258,10 +259,13 @@ if (!file.exists(boost) && file.exists("/usr/include/boost")) {
   boost <- normalizePath("boost_include")
 }
 t0 <- proc.time()[["elapsed"]]
-sm <- stan_model(file = "{stan_file}", model_name = "stein_population", save_dso = TRUE, auto_write = FALSE,
+sm <- stan_model(file = "{stan_file}", model_name = "{model_name}", save_dso = TRUE, auto_write = FALSE,
                  boost_lib = boost)
 compile_s <- proc.time()[["elapsed"]] - t0
 saveRDS(sm, "model.rds")
+"""
+
+R_COMPILE = R_STAN_MODEL.replace("{model_name}", "stein_population") + r"""
 fit0 <- sampling(sm, data = stan_data, chains = 0)
 lp <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = TRUE))
 lp_c <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = FALSE))
@@ -412,27 +416,32 @@ def run_carkin(model, data, warmup: int, samples: int, seed: int) -> tuple[dict,
 
 
 def diagnostics(record: dict, post) -> dict:
-    ess, rhat = _ess(post), _rhat(post)
+    ess = _ess(post)
+    multi = post.sizes["chain"] > 1
+    rhat = _rhat(post) if multi else {k: float("nan") for k in ess}
     k_ess = min(ess, key=ess.get)
-    k_rhat = max(rhat, key=rhat.get)
     record.update(min_ess_bulk=ess[k_ess], min_ess_bulk_parameter=k_ess,
-                  min_ess_bulk_per_s=ess[k_ess] / record["sampling_s"] if record["sampling_s"] > 0 else None,
-                  max_r_hat=rhat[k_rhat], max_r_hat_parameter=k_rhat)
+                  min_ess_bulk_per_s=ess[k_ess] / record["sampling_s"] if record["sampling_s"] > 0 else None)
+    if multi:
+        k_rhat = max(rhat, key=rhat.get)
+        record.update(max_r_hat=rhat[k_rhat], max_r_hat_parameter=k_rhat)
+    else:
+        record.update(max_r_hat=None, max_r_hat_parameter=None)
     return {k: {"median": float(post[k].median()), "q05": float(post[k].quantile(0.05)),
                 "q95": float(post[k].quantile(0.95)), "ess_bulk": ess[k], "r_hat": rhat[k]} for k in post.data_vars}
 
 
 def print_table(results: dict) -> None:
-    head = (f"{'tool':<8} {'wall s':>8} {'compile s':>10} {'sampling s':>11} {'min bulk ESS':>20} "
+    head = (f"{'tool':<8} {'wall s':>8} {'compile s':>10} {'sampling s':>11} {'min bulk ESS':>24} "
             f"{'min ESS/s':>10} {'max R-hat':>10} {'divergences':>12}")
     print(head)
     print("-" * len(head))
     for tool, r in results.items():
         ess = f"{r['min_ess_bulk']:.0f} ({r['min_ess_bulk_parameter']})"
-        per_s = "n/a" if r["min_ess_bulk_per_s"] is None else f"{r['min_ess_bulk_per_s']:.2f}"
-        print(f"{tool:<8} {r['wall_s']:>8.1f} {r['compile_s']:>10.1f} {r['sampling_s']:>11.1f} {ess:>20} "
-              f"{per_s:>10} {r['max_r_hat']:>10.4f} "
-              f"{str(r['divergences']) + '/' + str(r['draws_total']):>12}")
+        per_s = "n/a" if r["min_ess_bulk_per_s"] is None else f"{r['min_ess_bulk_per_s']:.3f}"
+        rhat = "n/a" if r["max_r_hat"] is None else f"{r['max_r_hat']:.4f}"
+        print(f"{tool:<8} {r['wall_s']:>8.1f} {r['compile_s']:>10.1f} {r['sampling_s']:>11.1f} {ess:>24} "
+              f"{per_s:>10} {rhat:>10} {str(r['divergences']) + '/' + str(r['draws_total']):>12}")
 
 
 def main(argv=None):

@@ -58,10 +58,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from simulate_throughput import machine  # noqa: E402
-from stan_comparison import ensure_rstan, r_list, read_keyvalues  # noqa: E402
+from stan_comparison import (  # noqa: E402
+    R_STAN_MODEL,
+    carkin_log_density,
+    diagnostics,
+    ensure_rstan,
+    print_table,
+    r_list,
+    read_keyvalues,
+)
 
 import carkin as ck  # noqa: E402
-from carkin.fitting.convergence import _ess, _rhat, population_sites  # noqa: E402
+from carkin.fitting.convergence import population_sites  # noqa: E402
 from carkin.fitting.fit_problem import make_problem  # noqa: E402
 from carkin.model.observation import PREDICTION_FLOOR  # noqa: E402
 from carkin.model.physiology import blood_volume_ul  # noqa: E402
@@ -243,18 +251,6 @@ def check_points(model, problem, seed: int) -> list[dict]:
     return points
 
 
-def carkin_log_density(problem, params: dict) -> tuple[float, float]:
-    """(log density on the unconstrained scale with Jacobians, log density of the constrained sites)."""
-    import jax.numpy as jnp
-    from numpyro.infer.util import log_density, potential_energy, unconstrain_fn
-
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    u = unconstrain_fn(problem.numpyro_model, (), {}, params)
-    lp_u = -float(potential_energy(problem.numpyro_model, (), {}, u))
-    lp_c = float(log_density(problem.numpyro_model, (), {}, params)[0])
-    return lp_u, lp_c
-
-
 def carkin_gradient_time(problem, params: dict) -> dict:
     """Seconds per value-and-gradient of carkin's potential (compiled, after a first call)."""
     import jax
@@ -297,22 +293,7 @@ def laplace_init(problem, seed: int) -> tuple[dict, float]:
     return stan_point(start), time.perf_counter() - t0
 
 
-R_COMPILE = r"""
-suppressPackageStartupMessages(library(rstan))
-source("inputs.R")
-boost <- rstan_options("boost_lib")
-if (!file.exists(boost) && file.exists("/usr/include/boost")) {
-  # Debian's r-cran-bh ships no headers (it depends on libboost-dev): point rstan at the system Boost
-  # through a folder holding only a link to it (passing /usr/include itself would reorder system headers)
-  dir.create("boost_include")
-  file.symlink("/usr/include/boost", file.path("boost_include", "boost"))
-  boost <- normalizePath("boost_include")
-}
-t0 <- proc.time()[["elapsed"]]
-sm <- stan_model(file = "{stan_file}", model_name = "cd7_cart_population", save_dso = TRUE, auto_write = FALSE,
-                 boost_lib = boost)
-compile_s <- proc.time()[["elapsed"]] - t0
-saveRDS(sm, "model.rds")
+R_COMPILE = R_STAN_MODEL.replace("{model_name}", "cd7_cart_population") + r"""
 lines <- c(sprintf("compile_s=%.6f", compile_s))
 for (nm in names(check_data)) {
   fit0 <- sampling(sm, data = check_data[[nm]], chains = 0)
@@ -530,35 +511,6 @@ def run_carkin(model, data, chains: int, warmup: int, samples: int, seed: int, i
         "loadavg_before": load0, "loadavg_after": os.getloadavg(),
     }
     return record, post
-
-
-def diagnostics(record: dict, post) -> dict:
-    ess = _ess(post)
-    multi = post.sizes["chain"] > 1
-    rhat = _rhat(post) if multi else {k: float("nan") for k in ess}
-    k_ess = min(ess, key=ess.get)
-    record.update(min_ess_bulk=ess[k_ess], min_ess_bulk_parameter=k_ess,
-                  min_ess_bulk_per_s=ess[k_ess] / record["sampling_s"] if record["sampling_s"] > 0 else None)
-    if multi:
-        k_rhat = max(rhat, key=rhat.get)
-        record.update(max_r_hat=rhat[k_rhat], max_r_hat_parameter=k_rhat)
-    else:
-        record.update(max_r_hat=None, max_r_hat_parameter=None)
-    return {k: {"median": float(post[k].median()), "q05": float(post[k].quantile(0.05)),
-                "q95": float(post[k].quantile(0.95)), "ess_bulk": ess[k], "r_hat": rhat[k]} for k in post.data_vars}
-
-
-def print_table(results: dict) -> None:
-    head = (f"{'tool':<8} {'wall s':>8} {'compile s':>10} {'sampling s':>11} {'min bulk ESS':>24} "
-            f"{'min ESS/s':>10} {'max R-hat':>10} {'divergences':>12}")
-    print(head)
-    print("-" * len(head))
-    for tool, r in results.items():
-        ess = f"{r['min_ess_bulk']:.0f} ({r['min_ess_bulk_parameter']})"
-        per_s = "n/a" if r["min_ess_bulk_per_s"] is None else f"{r['min_ess_bulk_per_s']:.3f}"
-        rhat = "n/a" if r["max_r_hat"] is None else f"{r['max_r_hat']:.4f}"
-        print(f"{tool:<8} {r['wall_s']:>8.1f} {r['compile_s']:>10.1f} {r['sampling_s']:>11.1f} {ess:>24} "
-              f"{per_s:>10} {rhat:>10} {str(r['divergences']) + '/' + str(r['draws_total']):>12}")
 
 
 def main(argv=None):
