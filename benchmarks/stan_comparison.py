@@ -265,15 +265,8 @@ compile_s <- proc.time()[["elapsed"]] - t0
 saveRDS(sm, "model.rds")
 """
 
-R_COMPILE = R_STAN_MODEL.replace("{model_name}", "stein_population") + r"""
-fit0 <- sampling(sm, data = stan_data, chains = 0)
-lp <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = TRUE))
-lp_c <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = FALSE))
-writeLines(c(
-  sprintf("compile_s=%.6f", compile_s),
-  sprintf("lp=%s", paste(sprintf("%.17g", lp), collapse = ",")),
-  sprintf("lp_constrained=%s", paste(sprintf("%.17g", lp_c), collapse = ",")),
-  sprintf("R=%s", R.version.string),
+# the end of compile.txt's writeLines(c(...)): the versions of R, rstan, Stan and the toolchain
+R_VERSIONS = r"""  sprintf("R=%s", R.version.string),
   sprintf("rstan=%s", as.character(packageVersion("rstan"))),
   sprintf("StanHeaders=%s", as.character(packageVersion("StanHeaders"))),
   sprintf("stan=%s", stan_version()),
@@ -282,6 +275,16 @@ writeLines(c(
   sprintf("cxxflags=%s", system2(file.path(R.home("bin"), "R"), c("CMD", "config", "CXX14FLAGS"), stdout = TRUE)[1])
 ), "compile.txt")
 """
+
+R_COMPILE = R_STAN_MODEL.replace("{model_name}", "stein_population") + r"""
+fit0 <- sampling(sm, data = stan_data, chains = 0)
+lp <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = TRUE))
+lp_c <- sapply(check_points, function(p) log_prob(fit0, unconstrain_pars(fit0, p), adjust_transform = FALSE))
+writeLines(c(
+  sprintf("compile_s=%.6f", compile_s),
+  sprintf("lp=%s", paste(sprintf("%.17g", lp), collapse = ",")),
+  sprintf("lp_constrained=%s", paste(sprintf("%.17g", lp_c), collapse = ",")),
+""" + R_VERSIONS
 
 R_SAMPLE = r"""
 suppressPackageStartupMessages(library(rstan))
@@ -388,10 +391,15 @@ def run_stan(workdir: Path, warmup: int, samples: int, seed: int, compile_s: flo
     return record, post
 
 
-def run_carkin(model, data, warmup: int, samples: int, seed: int) -> tuple[dict, object]:
-    opts = dict(chains=CHAINS, seed=seed, progress=False, target_accept=TARGET_ACCEPT, max_tree_depth=MAX_TREE_DEPTH)
+def run_carkin(model, data, warmup: int, samples: int, seed: int, chains: int = CHAINS,
+               init_text: str = "prior medians (carkin's default: numpyro init_to_median, 15 prior draws)",
+               **fit_options) -> tuple[dict, object]:
+    """carkin's NUTS fit with the comparison's sampler settings (``fit_options`` go to ``carkin.fit``): the
+    timing record and the posterior of the population parameters."""
+    opts = dict(chains=chains, seed=seed, progress=False, target_accept=TARGET_ACCEPT, max_tree_depth=MAX_TREE_DEPTH,
+                **fit_options)
     load0 = os.getloadavg()
-    print(f"carkin: {CHAINS} chains, {warmup} warmup + {samples} draws ...", flush=True)
+    print(f"carkin: {chains} chains, {warmup} warmup + {samples} draws {fit_options or ''}...", flush=True)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -402,12 +410,12 @@ def run_carkin(model, data, warmup: int, samples: int, seed: int) -> tuple[dict,
     settings = json.loads(tree.attrs["settings"])
     record = {
         "compile_s": settings["compile_s"], "sampling_s": settings["sampling_s"], "wall_s": wall,
-        "fit_time_s": settings.get("fit_time_s"),
+        "fit_time_s": settings.get("fit_time_s"), "chains": chains,
         "divergences": int(stats["diverging"].sum()), "draws_total": int(stats["diverging"].size),
         "mean_leapfrog_per_draw": float(stats["n_steps"].mean()),
         "max_tree_depth_hits": int((stats["tree_depth"] >= MAX_TREE_DEPTH).sum()),
         "step_size_per_chain": [float(v) for v in stats["step_size"].isel(draw=0).values],
-        "init": "prior medians (carkin's default: numpyro init_to_median, 15 prior draws)",
+        "init": init_text,
         "devices": settings["devices"],
         "warnings": [str(w.message) for w in caught if issubclass(w.category, ck.FitWarning)],
         "loadavg_before": load0, "loadavg_after": os.getloadavg(),

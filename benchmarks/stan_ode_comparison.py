@@ -57,9 +57,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stan_comparison  # noqa: E402
 from simulate_throughput import machine  # noqa: E402
 from stan_comparison import (  # noqa: E402
     R_STAN_MODEL,
+    R_VERSIONS,
     carkin_log_density,
     diagnostics,
     ensure_rstan,
@@ -69,7 +71,6 @@ from stan_comparison import (  # noqa: E402
 )
 
 import carkin as ck  # noqa: E402
-from carkin.fitting.convergence import population_sites  # noqa: E402
 from carkin.fitting.fit_problem import make_problem  # noqa: E402
 from carkin.model.observation import PREDICTION_FLOOR  # noqa: E402
 from carkin.model.physiology import blood_volume_ul  # noqa: E402
@@ -313,15 +314,7 @@ for (nm in names(check_data)) {
   }
 }
 writeLines(c(lines,
-  sprintf("R=%s", R.version.string),
-  sprintf("rstan=%s", as.character(packageVersion("rstan"))),
-  sprintf("StanHeaders=%s", as.character(packageVersion("StanHeaders"))),
-  sprintf("stan=%s", stan_version()),
-  sprintf("boost=%s", if (file.exists(file.path(boost, "boost"))) Sys.readlink(file.path(boost, "boost")) else boost),
-  sprintf("cxx=%s", system2(file.path(R.home("bin"), "R"), c("CMD", "config", "CXX14"), stdout = TRUE)[1]),
-  sprintf("cxxflags=%s", system2(file.path(R.home("bin"), "R"), c("CMD", "config", "CXX14FLAGS"), stdout = TRUE)[1])
-), "compile.txt")
-"""
+""" + R_VERSIONS
 
 R_SAMPLE = r"""
 suppressPackageStartupMessages(library(rstan))
@@ -485,32 +478,10 @@ def run_stan(workdir: Path, chains: int, warmup: int, samples: int, seed: int, c
 
 
 def run_carkin(model, data, chains: int, warmup: int, samples: int, seed: int, init: str) -> tuple[dict, object]:
-    opts = dict(estimate=ESTIMATE, chains=chains, seed=seed, progress=False, init=init,
-                target_accept=TARGET_ACCEPT, max_tree_depth=MAX_TREE_DEPTH)
-    load0 = os.getloadavg()
-    print(f"carkin: {chains} chains, {warmup} warmup + {samples} draws, init={init} ...", flush=True)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tree = ck.fit(model, data, warmup=warmup, samples=samples, **opts)
-    wall = time.perf_counter() - t0
-    post = tree["posterior"].to_dataset()[population_sites(tree)]
-    stats = tree["sample_stats"].to_dataset()
-    settings = json.loads(tree.attrs["settings"])
-    record = {
-        "compile_s": settings["compile_s"], "sampling_s": settings["sampling_s"], "wall_s": wall,
-        "fit_time_s": settings.get("fit_time_s"), "chains": chains,
-        "divergences": int(stats["diverging"].sum()), "draws_total": int(stats["diverging"].size),
-        "mean_leapfrog_per_draw": float(stats["n_steps"].mean()),
-        "max_tree_depth_hits": int((stats["tree_depth"] >= MAX_TREE_DEPTH).sum()),
-        "step_size_per_chain": [float(v) for v in stats["step_size"].isel(draw=0).values],
-        "init": ("a Laplace fit's estimates and modes (carkin init='laplace')" if init == "laplace"
-                 else "prior medians (numpyro init_to_median, 15 prior draws)"),
-        "devices": settings["devices"],
-        "warnings": [str(w.message) for w in caught if issubclass(w.category, ck.FitWarning)],
-        "loadavg_before": load0, "loadavg_after": os.getloadavg(),
-    }
-    return record, post
+    init_text = ("a Laplace fit's estimates and modes (carkin init='laplace')" if init == "laplace"
+                 else "prior medians (numpyro init_to_median, 15 prior draws)")
+    return stan_comparison.run_carkin(model, data, warmup, samples, seed, chains=chains, init_text=init_text,
+                                      estimate=ESTIMATE, init=init)
 
 
 def main(argv=None):

@@ -166,8 +166,9 @@ def main(argv=None) -> int:
               f"[{_pct(c['p_dlt_p05'])}-{_pct(c['p_dlt_p95'])}] vs published {int(c['published_events'])}/"
               f"{int(c['published_n'])} ({_pct(c['interval_low'])}-{_pct(c['interval_high'])}): "
               f"{'inside' if c['passed'] else 'OUTSIDE'}; {c['note']}")
-        if arms_agreement(c):
-            print(f"    {arms_agreement(c)}")
+        agreement = arms_agreement(c)
+        if agreement:
+            print(f"    {agreement}")
         if c["known_failure"]:
             print(f"    known failure: {c['known_failure']}")
     print("Where the evidence is thin: no published CD7 arm used a split infusion or a dose above 1.5e7/kg, and "
