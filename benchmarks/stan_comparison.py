@@ -416,7 +416,7 @@ def run_carkin(model, data, warmup: int, samples: int, seed: int, chains: int = 
         "max_tree_depth_hits": int((stats["tree_depth"] >= MAX_TREE_DEPTH).sum()),
         "step_size_per_chain": [float(v) for v in stats["step_size"].isel(draw=0).values],
         "init": init_text,
-        "devices": settings["devices"],
+        "devices": settings["devices"], "centred": settings.get("centred", []),
         "warnings": [str(w.message) for w in caught if issubclass(w.category, ck.FitWarning)],
         "loadavg_before": load0, "loadavg_after": os.getloadavg(),
     }

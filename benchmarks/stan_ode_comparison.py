@@ -6,14 +6,20 @@
     python benchmarks/stan_ode_comparison.py --stan-only --chains 1 --warmup 20 --samples 20   # Stan pilot
     python benchmarks/stan_ode_comparison.py --skip-stan                  # carkin only (no equivalence check)
     python benchmarks/stan_ode_comparison.py --workdir /tmp/stan_ode      # keep Stan's files; progress in iters*.csv
+    python benchmarks/stan_ode_comparison.py --centred none               # both tools non-centred
 
 Model: cd7_cart (mechanistic ODE, naturally selected product) on data/cd7_sim.csv, as
 benchmarks/nuts_from_laplace.py fits it: both observables (car_copies, cd7_cells), rho, k_kill, d_e
-and f_blood estimated with between-subject variability (non-centred), every other parameter at the
+and f_blood estimated with between-subject variability, every other parameter at the
 model's value, carkin's default priors, log-additive error per observable with M3 censoring of BLQ
 records, the split doses of the dataset. The Stan program is benchmarks/stan/cd7_cart_population.stan
 (integrate_ode_rk45 between dose times); its data (the design, the solve segments between doses, the
 fixed values and carkin's prior parameters) are generated here from carkin's own objects.
+
+Parameterisation (``--centred``): ``auto`` (default) is carkin's ``centred="auto"``: a Laplace fit (same
+seed) decides which random effects are sampled centred (eta-shrinkage below 0.3), and the Stan program
+samples the same ones centred (its data flag ``centred``), so both tools sample the same density in the
+same coordinates; ``none`` samples every effect non-centred in both.
 
 Steps:
 1. Stan is compiled (``stan_model``, timed) in an ``Rscript`` process, which also evaluates Stan's log
@@ -74,6 +80,7 @@ import carkin as ck  # noqa: E402
 from carkin.fitting.fit_problem import make_problem  # noqa: E402
 from carkin.model.observation import PREDICTION_FLOOR  # noqa: E402
 from carkin.model.physiology import blood_volume_ul  # noqa: E402
+from carkin.model.population import CENTRED_SITE  # noqa: E402
 
 ck.configure(compilation_cache=False)  # every CPU core a device; no disk cache: compile times are measured
 
@@ -111,13 +118,13 @@ def with_solver(model, **settings):
     return sub(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
 
 
-def build_problem(solver: dict | None = None):
+def build_problem(solver: dict | None = None, centred: tuple = ()):
     model = ck.load_model(MODEL, product_type=PRODUCT)
     if solver:
         model = with_solver(model, **solver)
     data = ck.read_dataset(DATA)
-    problem = make_problem(model, data, estimate=ESTIMATE)
-    if problem.estimated != ORDER or problem.random != ORDER or problem.columns or problem.centred:
+    problem = make_problem(model, data, estimate=ESTIMATE, centred=centred)
+    if problem.estimated != ORDER or problem.random != ORDER or problem.columns:
         raise SystemExit(f"unexpected population structure {problem.estimated} / {problem.random}")
     if problem.design.observables != OBSERVABLES or any(problem.errors[o].kind != "log-additive"
                                                         for o in OBSERVABLES):
@@ -218,6 +225,7 @@ def stan_data(model, problem, solver: dict | None = None) -> dict:
         "prediction_floor": PREDICTION_FLOOR,
         "rtol": float(settings["rtol"]), "atol": float(settings["atol"]),
         "max_num_steps": np.int64(settings["max_steps"]),
+        "centred": np.array([int(n in problem.centred) for n in ORDER], np.int64),
     }
 
 
@@ -226,13 +234,23 @@ def logit(p: float) -> float:
 
 
 def stan_point(carkin_params: dict) -> dict:
-    """carkin's sampled sites (constrained) as the Stan program's parameters."""
+    """carkin's sampled sites (constrained) as the Stan program's parameters (the random effects as sampled:
+    ``z``, or the centred site where some are centred: Stan's ``z`` holds the same columns)."""
     p = {n: float(carkin_params[n]) for n in POSITIVE}
     p["logit_f_blood"] = logit(float(carkin_params[FRACTION]))
     p["omega"] = np.array([float(carkin_params[f"omega_{n}"]) for n in ORDER])
     p["sigma"] = np.array([float(carkin_params[f"sigma_{o}"]) for o in OBSERVABLES])
-    p["z"] = np.asarray(carkin_params["z"], float)
+    p["z"] = np.asarray(carkin_params[CENTRED_SITE if CENTRED_SITE in carkin_params else "z"], float)
     return p
+
+
+def as_sampled(problem, params: dict) -> dict:
+    """A point given with standardised effects ``z`` as the sites ``problem`` samples (centred ones as their
+    unconstrained individual values)."""
+    if not problem.centred:
+        return params
+    rest = {k: v for k, v in params.items() if k != "z"}
+    return {**rest, CENTRED_SITE: problem.centred_value(params, params["z"])}
 
 
 def check_points(model, problem, seed: int) -> list[dict]:
@@ -271,27 +289,32 @@ def carkin_gradient_time(problem, params: dict) -> dict:
     return {"first_call_s": first, "gradient_s": float(np.median(runs)), "repeats": GRADIENT_REPEATS}
 
 
-def prior_median_init(model, data: dict) -> dict:
-    """Prior medians of the Stan program's parameters."""
+def prior_median_init(model, data: dict, problem) -> dict:
+    """Prior medians of the Stan program's parameters (z = 0; a centred column at its typical value)."""
     values = dict(model.values)
+    typical = np.array([math.log(values[n]) for n in POSITIVE] + [float(data["mu_logit_f_blood"])])
+    centred = np.asarray(data["centred"], bool)
     return {
         **{n: values[n] for n in POSITIVE},
         "logit_f_blood": float(data["mu_logit_f_blood"]),
         "omega": HALF_NORMAL_MEDIAN * data["omega_scale"],
         "sigma": HALF_NORMAL_MEDIAN * data["sigma_scale"],
-        "z": np.zeros((int(data["S"]), len(ORDER))),
+        "z": np.zeros((int(data["S"]), len(ORDER))) + np.where(centred, typical, 0.0),
     }
 
 
-def laplace_init(problem, seed: int) -> tuple[dict, float]:
-    """carkin's NUTS start for init="laplace" (the same Laplace fit, same seed) as Stan parameters."""
-    from carkin.fitting.inference import _laplace_fit, _laplace_start
+def laplace_start(problem, seed: int, centred: str) -> tuple[dict, tuple, float]:
+    """carkin's NUTS start for init="laplace" (the same Laplace fit, same seed) as Stan parameters, and the
+    random effects carkin samples centred (``centred="auto"``: chosen by that fit; ``none``: none)."""
+    from carkin.fitting.inference import _laplace_fit, _laplace_start, auto_centred
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        start = _laplace_start(problem, _laplace_fit(problem, seed))
-    return stan_point(start), time.perf_counter() - t0
+        result = _laplace_fit(problem, seed)
+    chosen = auto_centred(problem, result.z) if centred == "auto" else ()
+    start = _laplace_start(dataclasses.replace(problem, centred=chosen), result)
+    return stan_point(start), chosen, time.perf_counter() - t0
 
 
 R_COMPILE = R_STAN_MODEL.replace("{model_name}", "cd7_cart_population") + r"""
@@ -383,7 +406,7 @@ def density_check(lp_stan: list, lp_carkin: list, label: str) -> dict:
 
 def stan_compile_and_check(model, problem, tight_problem, workdir: Path, data: dict,
                            init_point: dict) -> tuple[dict, dict]:
-    points = check_points(model, problem, CHECK_SEED)
+    points = [as_sampled(problem, p) for p in check_points(model, problem, CHECK_SEED)]
     tight = {**data, "rtol": CHECK_SOLVER["rtol"], "atol": CHECK_SOLVER["atol"],
              "max_num_steps": np.int64(CHECK_SOLVER["max_steps"])}
     inputs = (f"stan_data <- {r_list(data)}\n"
@@ -477,11 +500,12 @@ def run_stan(workdir: Path, chains: int, warmup: int, samples: int, seed: int, c
     return record, post
 
 
-def run_carkin(model, data, chains: int, warmup: int, samples: int, seed: int, init: str) -> tuple[dict, object]:
+def run_carkin(model, data, chains: int, warmup: int, samples: int, seed: int, init: str,
+               centred: str) -> tuple[dict, object]:
     init_text = ("a Laplace fit's estimates and modes (carkin init='laplace')" if init == "laplace"
                  else "prior medians (numpyro init_to_median, 15 prior draws)")
     return stan_comparison.run_carkin(model, data, warmup, samples, seed, chains=chains, init_text=init_text,
-                                      estimate=ESTIMATE, init=init)
+                                      estimate=ESTIMATE, init=init, centred="auto" if centred == "auto" else ())
 
 
 def main(argv=None):
@@ -492,6 +516,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--init", choices=("laplace", "median"), default="laplace",
                     help="where both tools' chains start (default: carkin's Laplace start, as nuts_from_laplace.py)")
+    ap.add_argument("--centred", choices=("auto", "none"), default="auto",
+                    help="auto (default): the effects carkin's centred='auto' centres are centred in both tools; "
+                         "none: all non-centred")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--check-only", action="store_true", help="compile and the log-density check only, no sampling")
     mode.add_argument("--skip-stan", action="store_true", help="carkin only (no Stan, no log-density check)")
@@ -512,6 +539,7 @@ def main(argv=None):
         "benchmark": "full NUTS, same hierarchical cd7_cart ODE model and dataset, carkin vs Stan (rstan)",
         "command": command, "machine": machine(), "loadavg_start": os.getloadavg(), "versions": versions,
         "settings": {"chains": a.chains, "warmup": a.warmup, "samples": a.samples, "seed": a.seed, "init": a.init,
+                     "centred": a.centred,
                      "target_accept": TARGET_ACCEPT, "max_tree_depth": MAX_TREE_DEPTH,
                      "stan_cores": min(a.chains, STAN_MAX_CORES), "stan_program": str(STAN_FILE.relative_to(ROOT)),
                      "model": MODEL, "product_type": PRODUCT, "estimated": list(ORDER),
@@ -528,18 +556,28 @@ def main(argv=None):
         workdir.mkdir(parents=True, exist_ok=True)
         if not a.skip_stan:
             ensure_rstan()
+            init_point, centred, init_s = None, (), 0.0
+            if a.init == "laplace" or a.centred == "auto":
+                print("carkin Laplace fit (Stan's start, the centred effects) ...", flush=True)
+                init_point, centred, init_s = laplace_start(problem, a.seed, a.centred)
+            problem = dataclasses.replace(problem, centred=centred)
+            record["settings"]["centred_effects"] = list(centred)
+            print(f"sampled centred in both tools: {list(centred) or 'none'}")
             data_stan = stan_data(model, problem)
-            init_point, init_s = prior_median_init(model, data_stan), 0.0
-            if a.init == "laplace" and not a.check_only:
-                print("carkin Laplace fit for Stan's start ...", flush=True)
-                init_point, init_s = laplace_init(problem, a.seed)
-            _, _, tight_problem = build_problem(CHECK_SOLVER)
+            if a.init == "median":
+                init_point = prior_median_init(model, data_stan, problem)
+            _, _, tight_problem = build_problem(CHECK_SOLVER, centred)
             check, compiled = stan_compile_and_check(model, problem, tight_problem, workdir, data_stan, init_point)
             record["log_density_check"] = check
             versions.update(compiled.pop("versions"))
             record["stan_compile"] = compiled
         if not (a.check_only or a.stan_only):
-            results["carkin"], post = run_carkin(model, data, a.chains, a.warmup, a.samples, a.seed, a.init)
+            results["carkin"], post = run_carkin(model, data, a.chains, a.warmup, a.samples, a.seed, a.init,
+                                                 a.centred)
+            if "centred_effects" in record["settings"] and \
+                    results["carkin"]["centred"] != record["settings"]["centred_effects"]:
+                sys.exit(f"carkin's fit centred {results['carkin']['centred']}, the Stan program "
+                         f"{record['settings']['centred_effects']}: not the same parameterisation")
             params["carkin"] = diagnostics(results["carkin"], post)
         if not (a.check_only or a.skip_stan):
             init_text = ("carkin's Laplace start (estimates and modes, same seed), same for all chains"

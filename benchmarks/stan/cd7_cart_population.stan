@@ -4,8 +4,11 @@
 //   typical values   rho, d_e, k_kill ~ LogNormal(mu_log[k], prior_sd)
 //                    logit_f_blood ~ Normal(mu_logit_f_blood, prior_sd)   (f_blood = inv_logit)
 //   between-subject  omega[k] ~ HalfNormal(omega_scale[k]), order rho d_e k_kill f_blood
-//   non-centred      z[s, k] ~ Normal(0, 1)
-//   individual       theta_sk = theta_k exp(omega_k z_sk); f_blood_s = inv_logit(logit_f_blood + omega_4 z_s4)
+//   random effects   per column k of the sampled matrix z (data flag centred[k], as carkin's centred=):
+//                    non-centred  z[s, k] ~ Normal(0, 1), unconstrained individual value h_sk = mu_k + omega_k z_sk
+//                    centred      z[s, k] = h_sk ~ Normal(mu_k, omega_k)
+//                    mu = (log rho, log d_e, log k_kill, logit_f_blood)
+//   individual       theta_sk = exp(h_sk) for rho, d_e, k_kill; f_blood_s = inv_logit(h_s4)
 //   residual error   per observable (1 car_copies, 2 cd7_cells): log y ~ Normal(log f, sigma[kind]) with
 //                    the -log y Jacobian; BLQ records censored (M3): log Phi((log LLOQ - log f) / sigma),
 //                    log Phi computed as carkin computes it (erfc, asymptotic series below u = -30)
@@ -130,6 +133,8 @@ data {
   real<lower=0> rtol;
   real<lower=0> atol;
   int<lower=1> max_num_steps;
+  // parameterisation of each random effect (order rho, d_e, k_kill, f_blood): 1 centred, 0 non-centred
+  int<lower=0, upper=1> centred[4];
 }
 transformed data {
   real x_r[S, 17];
@@ -154,12 +159,29 @@ parameters {
   matrix[S, 4] z;
 }
 model {
-  vector[S] rho_i = rho * exp(omega[1] * col(z, 1));
-  vector[S] d_e_i = d_e * exp(omega[2] * col(z, 2));
-  vector[S] k_kill_i = k_kill * exp(omega[3] * col(z, 3));
-  vector[S] f_blood_i = inv_logit(logit_f_blood + omega[4] * col(z, 4));
+  vector[4] mu;
+  matrix[S, 4] h;                       // unconstrained individual values
+  vector[S] rho_i;
+  vector[S] d_e_i;
+  vector[S] k_kill_i;
+  vector[S] f_blood_i;
   real state[NG, 6];
   vector[N] log_f;
+
+  mu[1] = log(rho);
+  mu[2] = log(d_e);
+  mu[3] = log(k_kill);
+  mu[4] = logit_f_blood;
+  for (k in 1:4) {
+    if (centred[k] == 1)
+      h[:, k] = col(z, k);
+    else
+      h[:, k] = mu[k] + omega[k] * col(z, k);
+  }
+  rho_i = exp(col(h, 1));
+  d_e_i = exp(col(h, 2));
+  k_kill_i = exp(col(h, 3));
+  f_blood_i = inv_logit(col(h, 4));
 
   for (i in 1:N_pre)
     state[pre_grid[i]] = y0[pre_subject[i]];
@@ -201,7 +223,12 @@ model {
   target += normal_lpdf(logit_f_blood | mu_logit_f_blood, prior_sd);
   target += normal_lpdf(omega | 0, omega_scale) + 4 * log2();
   target += normal_lpdf(sigma | 0, sigma_scale) + 2 * log2();
-  target += normal_lpdf(to_vector(z) | 0, 1);
+  for (k in 1:4) {
+    if (centred[k] == 1)
+      target += normal_lpdf(col(z, k) | mu[k], omega[k]);
+    else
+      target += normal_lpdf(col(z, k) | 0, 1);
+  }
 
   // likelihood
   target += normal_lpdf(log_y | log_f[idx_obs], sigma[kind_obs]) - sum_log_y;
