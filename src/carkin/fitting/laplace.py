@@ -114,7 +114,8 @@ class _Objective:
         cov = jnp.asarray(d.model_covariates)
         if p.model.has_closed_form:
             return jax.vmap(lambda *a: subject_observables(p.model, d.observables, *a))(*args, theta, cov)
-        return ensemble_observables(p.model, d.observables, *args, theta, cov)
+        # only the free parameters vary: the solve carries derivatives for them alone
+        return ensemble_observables(p.model, d.observables, *args, theta, cov, free=tuple(int(k) for k in self.free))
 
     def taylor(self, theta, order: int):
         """Predictions and their derivatives with respect to each subject's free parameters: a

@@ -38,7 +38,7 @@ def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=No
     with respect to; ODE solves are then differentiated in forward mode over them. None: reverse
     mode through the solve (diffrax's adjoint). ``engine``: with ``free`` given, ``"auto"`` and
     ``"ensemble"`` solve all subjects at once with the ensemble solver (:func:`_ensemble_observables`;
-    the cd7_cart log density's value with gradient measured 1.5x quicker than with diffrax,
+    the cd7_cart log density's value with gradient measured 1.8x quicker than with diffrax,
     benchmarks/README.md), ``"diffrax"`` solves each subject with diffrax
     (:func:`_forward_mode_observables`). Reverse mode (``free`` None) always uses diffrax."""
     if engine not in FIT_ENGINES:
@@ -59,17 +59,18 @@ def _ensemble_observables(model: Model, names, free: tuple):
     idx = np.asarray(free, int)
 
     def solve(times, dose_t, dose_c, theta, cov):
-        f, ok = ensemble_observables(model, names, times, dose_t, dose_c, theta, cov)
+        f, ok = ensemble_observables(model, names, times, dose_t, dose_c, theta, cov, free=free)
         return f, ok.astype(theta.dtype)
 
     return _forward_mode_vjp(solve, idx)
 
 
-def ensemble_observables(model: Model, names, times, dose_t, dose_c, theta, cov):
+def ensemble_observables(model: Model, names, times, dose_t, dose_c, theta, cov, free=None):
     """Observables ``names`` of every subject (S, O, T) from one ensemble solve (a lane per subject),
-    and each subject's ok flag (S,). Pure JAX: forward-mode derivatives of any order pass through."""
+    and each subject's ok flag (S,). Pure JAX: forward-mode derivatives of any order pass through the
+    solve, with respect to the parameters ``free`` (indices; None: all) only (solve_ensemble)."""
     lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
-    ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes)
+    ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes, free=free)
     obs = observe_subjects(model, ys, theta, cov)
     f = jnp.stack([obs[n] for n in names], axis=1)
     return f, ok & jnp.all(jnp.isfinite(f), axis=(1, 2))

@@ -49,7 +49,7 @@ _D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 /
 
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
-                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None):
+                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
     ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
@@ -60,6 +60,9 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     subject exceeded its step budget (``max_steps`` per segment between events, as diffrax
     counts) or its state stopped being finite. ``n_active`` (may be traced): only the first
     ``n_active`` subjects are solved (the rest are padding, returned unsolved with ``ok`` False).
+    ``free`` (indices into ``theta``'s columns, None for all): the only parameters derivatives are
+    taken with respect to; the others are held constant (no derivative flows to them), so forward
+    mode carries tangents for these alone through the vector field instead of for every parameter.
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -68,7 +71,18 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     names = model.parameter_names
     cnames = tuple(c.name for c in model.covariates)
     dose_idx = model.dose_index
-    n = theta.shape[0]
+    theta, cov_values = jnp.asarray(theta), jnp.asarray(cov_values)
+    n, n_par = theta.shape
+    free = tuple(range(n_par)) if free is None else tuple(int(k) for k in free)
+    held = tuple(k for k in range(n_par) if k not in free)
+    theta_free = theta[:, list(free)]
+    theta_held = jax.lax.stop_gradient(theta[:, list(held)])
+
+    def parameters(th_free, th_held) -> dict:
+        """The parameter dict of one lane (rows) from its free and held values."""
+        p = dict(zip((names[k] for k in free), th_free))
+        p.update(zip((names[k] for k in held), th_held))
+        return p
     times = jnp.broadcast_to(jnp.asarray(times, float), (n, jnp.shape(times)[-1]))
     n_times = times.shape[1]
 
@@ -87,12 +101,12 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     pre = times < t_first[:, None]
     out0 = jnp.where(pre[..., None], base[:, None, :], jnp.nan)
 
-    def field(t, y, th, cv, phase):
-        return model.vector_field(t, y, dict(zip(names, th)), dict(zip(cnames, cv)), phase)
+    def field(t, y, th_free, th_held, cv, phase):
+        return model.vector_field(t, y, parameters(th_free, th_held), dict(zip(cnames, cv)), phase)
 
     # Lane arrays are (quantity, lane): each state, parameter or covariate is one contiguous row across
     # the lanes, so the vector field runs on whole rows (measured quicker than lanes-first rows).
-    field_lanes = jax.vmap(field, in_axes=(0, 1, 1, 1, 0), out_axes=1)
+    field_lanes = jax.vmap(field, in_axes=(0, 1, 1, 1, 1, 0), out_axes=1)
 
     def start(subject):
         """Lane state for a subject at its first infusion (before the infusion is applied)."""
@@ -100,7 +114,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         t0 = t_first[i]
         return dict(subject=subject, t=t0, y=y0[i].T, h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
                     j=jnp.sum(times[i] < t0[:, None], axis=1).astype(subject.dtype), phase=jnp.zeros_like(subject),
-                    steps=jnp.zeros_like(subject), th=theta[i].T, cv=cov_values[i].T)
+                    steps=jnp.zeros_like(subject), th=theta_free[i].T, th_held=theta_held[i].T, cv=cov_values[i].T)
 
     def body(carry):
         lane, out, ok_all, steps_all, queue = carry
@@ -122,7 +136,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         stages = []
         for c_i, a_i in zip(_C, _A):
             y_i = y + sum((a * h_eff) * kk for a, kk in zip(a_i, stages)) if a_i else y
-            stages.append(field_lanes(t + c_i * h_eff, y_i, lane["th"], lane["cv"], lane["phase"]))
+            stages.append(field_lanes(t + c_i * h_eff, y_i, lane["th"], lane["th_held"], lane["cv"], lane["phase"]))
         y_new = y + h_eff * sum(b * kk for b, kk in zip(_A[6], stages[:6]) if b)
         y_err = h_eff * sum(e * kk for e, kk in zip(_E, stages) if e)
         scale = atol + rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
@@ -160,8 +174,9 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         if dose_idx is not None:
             y_ev = y_ev.at[dose_idx].add(jnp.where(ev_kind[i, k_c] == 0, ev_amt[i, k_c], 0.0))
         if model.has_switch:
-            switched = jax.vmap(lambda yy, th, cv: model.on_switch(yy, dict(zip(names, th)), dict(zip(cnames, cv))),
-                                in_axes=1, out_axes=1)(y_ev, lane["th"], lane["cv"])
+            switched = jax.vmap(lambda yy, th, th_h, cv: model.on_switch(yy, parameters(th, th_h),
+                                                                         dict(zip(cnames, cv))),
+                                in_axes=1, out_axes=1)(y_ev, lane["th"], lane["th_held"], lane["cv"])
             y_ev = jnp.where(ev_kind[i, k_c] == 1, switched, y_ev)
         phase_ev = jnp.where(ev_kind[i, k_c] == 1, 1, lane["phase"])
 
@@ -182,7 +197,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
             "h": h_next,
             "k": k + at_event.astype(k.dtype), "j": j + written + jnp.where(finished, SAVES_PER_STEP, 0),
             "phase": jnp.where(at_event, phase_ev, lane["phase"]), "steps": steps, "th": lane["th"],
-            "cv": lane["cv"],
+            "th_held": lane["th_held"], "cv": lane["cv"],
         }
 
         def refill(current):
