@@ -59,9 +59,20 @@ def test_dataset_reader_returns_checked_data_or_names_the_problem(tmp_path, head
         assert any(line.startswith("amt_unit") for line in side)  # the dose unit was stated, not assumed
 
 
+def key_lines(lines: list[str]) -> list[int]:
+    """Indices of the lines that assign a key: not comments, not inside a multi-line string (a note's
+    text may hold an '=' of its own)."""
+    found, in_string = [], False
+    for i, ln in enumerate(lines):
+        if not in_string and "=" in ln and not ln.lstrip().startswith("#"):
+            found.append(i)
+        in_string ^= ln.count('"""') % 2 == 1
+    return found
+
+
 def mutate(text: str, line_no: int, action: str, value: str, rename: str) -> tuple[str, str | None]:
     lines = text.splitlines()
-    candidates = [i for i, ln in enumerate(lines) if "=" in ln and not ln.lstrip().startswith("#")]
+    candidates = key_lines(lines)
     i = candidates[line_no % len(candidates)]
     key, _, rest = lines[i].partition("=")
     if action == "value":
