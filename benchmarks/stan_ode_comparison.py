@@ -289,7 +289,7 @@ def carkin_gradient_time(problem, params: dict) -> dict:
     return {"first_call_s": first, "gradient_s": float(np.median(runs)), "repeats": GRADIENT_REPEATS}
 
 
-def prior_median_init(model, data: dict, problem) -> dict:
+def prior_median_init(model, data: dict) -> dict:
     """Prior medians of the Stan program's parameters (z = 0; a centred column at its typical value)."""
     values = dict(model.values)
     typical = np.array([math.log(values[n]) for n in POSITIVE] + [float(data["mu_logit_f_blood"])])
@@ -565,7 +565,7 @@ def main(argv=None):
             print(f"sampled centred in both tools: {list(centred) or 'none'}")
             data_stan = stan_data(model, problem)
             if a.init == "median":
-                init_point = prior_median_init(model, data_stan, problem)
+                init_point = prior_median_init(model, data_stan)
             _, _, tight_problem = build_problem(CHECK_SOLVER, centred)
             check, compiled = stan_compile_and_check(model, problem, tight_problem, workdir, data_stan, init_point)
             record["log_density_check"] = check

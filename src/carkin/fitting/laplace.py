@@ -115,7 +115,7 @@ class _Objective:
         if p.model.has_closed_form:
             return jax.vmap(lambda *a: subject_observables(p.model, d.observables, *a))(*args, theta, cov)
         # only the free parameters vary: the solve carries derivatives for them alone
-        return ensemble_observables(p.model, d.observables, *args, theta, cov, free=tuple(int(k) for k in self.free))
+        return ensemble_observables(p.model, d.observables, *args, theta, cov, free=self.free)
 
     def taylor(self, theta, order: int):
         """Predictions and their derivatives with respect to each subject's free parameters: a
