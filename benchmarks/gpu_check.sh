@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check (issues 15 and 16): run every GPU step of benchmarks/gpu_check.py in this machine's
 # own Python (which has jax with CUDA), writing one JSON record to $OUT (or benchmarks/results).
+# `gpu_check.sh --loop [ARGS]` runs benchmarks/gpu_loop_check.py (the solver loop's schedules) instead.
 #
 # carkin runs from a copy of src/ laid out as installed (no build). The pure-Python packages it needs at the versions it is tested
 # with travel as wheels in .whl/ (or benchmarks/wheels/) and go into /tmp/site, ahead of the machine's
@@ -52,5 +53,10 @@ install && smoke || {
     install 'diffrax-*' 'equinox-*' 'lineax-*' 'optimistix-*' && smoke
 } || { echo "carkin does not run in this Python"; exit 1; }
 echo "package stack: $STACK"
+if [ "${1:-}" = "--loop" ]; then  # the solver-loop schedules alone (benchmarks/gpu_loop_check.py)
+    shift
+    PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_loop_check.py --out "$OUT/gpu_loop.json" "$@"
+    exit
+fi
 PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" \
     --stack "$STACK" "$@"
