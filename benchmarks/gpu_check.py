@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import carkin as ck  # noqa: E402
 
 FULL = {"simulate": (100_000, 1_000_000), "stream": 10_000_000, "posthoc": 100_000, "fit_many": 1_000,
-        "nuts": (200, 200), "laplace": (1_000, 20), "lanes": (1 << 16, 1 << 20), "diffrax_chunk": 65_536,
+        "nuts": (200, 200), "laplace": (1_000, 20), "lanes": (1 << 18, 1 << 20), "diffrax_chunk": 65_536,
         "block": 1 << 20, "device_solve": (1_000_000, (1 << 16, 1 << 18))}
 QUICK = {"simulate": (256, 1_024), "stream": 4_096, "posthoc": 512, "fit_many": 4, "nuts": (20, 20),
          "laplace": (8, 2), "lanes": (512,), "diffrax_chunk": 256, "block": 2_048, "device_solve": (1_024, (256,))}

@@ -29,8 +29,6 @@ from carkin.simulation.solve import event_table
 SAVES_PER_STEP = 4
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (diffrax's defaults)
 DEFAULT_LANES = 256
-# the iterations between two checks of the loop condition are unrolled: a GPU then launches them as one graph
-UNROLL_BETWEEN_CHECKS = True
 LANE_MULTIPLE = 8  # lane counts in multiples of the vector width keep every lane on the same code path
 
 # Dormand & Prince (1980) 5(4) tableau; error weights are b - b_hat.
@@ -51,8 +49,7 @@ _D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 /
 
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
-                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None,
-                   iterations_per_check: int = 1, branch_free: bool = False):
+                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
     ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
@@ -66,13 +63,6 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     ``free`` (indices into ``theta``'s columns, None for all): the only parameters derivatives are
     taken with respect to; the others are held constant (no derivative flows to them), so forward
     mode carries tangents for these alone through the vector field instead of for every parameter.
-
-    Two settings for accelerators change the schedule, never the result: ``iterations_per_check``
-    loop iterations run between checks of whether any subject is left (a lane with no subject does
-    nothing, so the extra iterations are idle), and ``branch_free`` refills lanes with selects instead
-    of a branch. A GPU reads a loop's condition and a branch's predicate back to the host at every
-    iteration, a round trip that costs more than the iteration's arithmetic; a CPU evaluates both
-    in place and is quicker with the defaults.
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -126,7 +116,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
                     j=jnp.sum(times[i] < t0[:, None], axis=1).astype(subject.dtype), phase=jnp.zeros_like(subject),
                     steps=jnp.zeros_like(subject), th=theta_free[i].T, th_held=theta_held[i].T, cv=cov_values[i].T)
 
-    def iteration(carry):
+    def body(carry):
         lane, out, ok_all, steps_all, queue = carry
         subj = lane["subject"]
         active = subj >= 0
@@ -215,20 +205,11 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
             fresh = start(jnp.where(queue + rank < limit, queue + rank, -1).astype(subj.dtype))
             return {key: jnp.where(leaving, fresh[key], v) for key, v in current.items()}  # lanes are the last axis
 
-        if branch_free:
-            lane = refill(stay)
-        else:
-            lane = jax.lax.cond(jnp.any(leaving), refill, lambda current: current, stay)  # most iterations: none left
+        lane = jax.lax.cond(jnp.any(leaving), refill, lambda current: current, stay)  # most iterations: none left
         return lane, out, ok_all, steps_all, queue + jnp.sum(leaving).astype(queue.dtype)
 
     def cond(carry):
         return jnp.any(carry[0]["subject"] >= 0)
-
-    def body(carry):  # the iterations between two checks of the loop condition
-        if iterations_per_check == 1:
-            return iteration(carry)
-        return jax.lax.fori_loop(0, iterations_per_check, lambda _, c: iteration(c), carry,
-                                 unroll=UNROLL_BETWEEN_CHECKS)
 
     # Always `lanes` lanes (idle ones when there are fewer subjects): every subject then goes through the
     # same vectorised arithmetic, so its result does not depend on the population, chunk or device count.

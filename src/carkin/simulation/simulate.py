@@ -34,9 +34,10 @@ CLOSED_FORM_CHUNK = 32768
 BALANCED_ROUNDING = 1024
 # The ensemble solver refills its lanes from the chunk's waiting subjects, so it wants chunks of many lanes' worth.
 ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a large chunk costs nothing
-# A GPU runs one lane per thread: it needs lanes by the hundred thousand to fill its cores, and each step's
-# kernels cost about the same for any lane count up to that, so a chunk there is a few lanes' worth of subjects.
-GPU_LANES = 1 << 18
+# A GPU runs one lane per thread: it needs tens of thousands of lanes to fill its cores, and more lanes than
+# that leave more of them idle while the last subjects finish (10^6 cd7_cart subjects on an H200: 2^16 lanes
+# 0.36 s, 2^18 0.45 s, 2^20 1.39 s; benchmarks/README.md). A chunk there is many lanes' worth of subjects.
+GPU_LANES = 1 << 16
 GPU_CHUNK = 1 << 20
 ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
@@ -198,9 +199,21 @@ def _dealt(chunk: int, n_devices: int) -> np.ndarray:
     return (position % per) * n_devices + position // per
 
 
+# An accelerator's results go to the host through page-locked memory first: a copy into ordinary (pageable)
+# host memory runs at a fraction of the link's speed (benchmarks/README.md, GPU section).
+PINNED_FETCH = True
+
+
+def _to_host(x) -> np.ndarray:
+    if PINNED_FETCH and isinstance(x, jax.Array) and x.sharding.memory_kind not in (None, "pinned_host") \
+            and jax.default_backend() != "cpu":
+        x = jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+    return np.asarray(x)
+
+
 def _fetch(out):
     """Device results to host numpy arrays."""
-    return jax.tree.map(np.asarray, out)
+    return jax.tree.map(_to_host, out)
 
 
 def _per_subject(name, value, n) -> np.ndarray:
