@@ -200,6 +200,27 @@ def mixed_doses(n):
     return rows
 
 
+def lane_counts(n, counts=(64, 96, 128, 136, 192, 256)):
+    """The ensemble solve alone of cd7_cart's split design on one device, on each lane count (the default,
+    DEFAULT_LANES, is chosen from this table: powers of two ran slower on the AMD machine)."""
+    model = ck.load_model("cd7_cart")
+    pop = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=2, engine="diffrax", progress=False)
+    theta = np.stack([pop[p].values for p in model.parameter_names], 1)
+    cov = np.stack([pop[c.name].values for c in model.covariates], 1)
+    dose_t = np.broadcast_to(np.array([0.0, 1.0, 2.0]), (n, 3))
+    cells = np.array([0.1, 0.3, 0.6]) * 1e7 * pop[model.role("weight")].values[:, None]
+    device = jax.devices()[0]
+    args = [jax.device_put(np.asarray(a, float), device) for a in (TIMES, dose_t, cells, theta, cov)]
+    rows = {}
+    for lanes in counts:
+        solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes))
+        _, t, c = _timed(lambda f=solve: jax.block_until_ready(f(*args)), repeats=3)
+        rows[str(lanes)] = {"subjects_per_s": n / t, "run_s": t, "compile_s": c}
+        print(f"  {lanes:4d} lanes {n / t:12,.0f} subjects/s  run {t:6.3f} s"
+              f"{'  (default)' if lanes == DEFAULT_LANES else ''}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000)
@@ -216,6 +237,8 @@ def main() -> None:
     record["cd7_cart_split"]["scipy_lsoda"] = scipy_loop(cd7, split, runs["ensemble"])
     print(f"cd7_cart, single doses log-uniform 1e5-1e9 cells/kg, N = {args.n:,}, one device")
     record["cd7_cart_mixed_doses"] = mixed_doses(args.n)
+    print(f"cd7_cart split, the ensemble solve alone on one device by lane count, N = {args.n // 2:,}")
+    record["lane_counts"] = lane_counts(args.n // 2)
     print(f"stein_2019, single 1e6 cells/kg, N = {args.n_closed_form:,}")
     record["stein_2019"] = through_simulate(ck.load_model("stein_2019"), ck.single(1e6), args.n_closed_form,
                                             ("closed-form", "diffrax"))

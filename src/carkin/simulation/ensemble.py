@@ -28,7 +28,9 @@ from carkin.simulation.solve import event_table
 # extra steps and write less per iteration than 8
 SAVES_PER_STEP = 4
 SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (diffrax's defaults)
-DEFAULT_LANES = 256
+# A CPU's lanes: rows of a power-of-two lane count land on the same cache sets, and 128 or 256 lanes ran
+# 1.4x slower than 96-200 on a 2-core AMD EPYC (benchmarks/README.md, lane counts); 136 is in that band.
+DEFAULT_LANES = 136
 LANE_MULTIPLE = 8  # lane counts in multiples of the vector width keep every lane on the same code path
 
 # Dormand & Prince (1980) 5(4) tableau; error weights are b - b_hat.
