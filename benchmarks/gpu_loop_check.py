@@ -163,6 +163,10 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs-only", action="store_true", help="the device solve at the default lanes alone "
                     "(run in a child process with XLA's while-loop command buffers turned on)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="no step starts after this many seconds")
+    default_lanes = ",".join(str(k) for k in LANE_COUNTS)
+    ap.add_argument("--lanes", help=f"comma-separated lane counts for the lanes step (default: {default_lanes})")
+    ap.add_argument("--steps", default="lanes,simulate,simulate_pageable,transfer,graphs",
+                    help="comma-separated steps to run, in their fixed order")
     a = ap.parse_args(argv)
     import jax
 
@@ -172,6 +176,8 @@ def main(argv=None) -> int:
     ck.configure()
     n = 2_048 if a.quick else 1_000_000
     lanes = (128, 256) if a.quick else LANE_COUNTS
+    if a.lanes:
+        lanes = tuple(int(k) for k in a.lanes.split(","))
     record: dict = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
                     "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": a.quick}
     out = Path(a.out)
@@ -202,6 +208,8 @@ def main(argv=None) -> int:
              ("transfer", lambda: transfer(record, 4096 if a.quick else 1 << 20)),
              ("graphs", graphs))
     for name, step in steps:
+        if name not in a.steps.split(","):
+            continue
         if time.perf_counter() - started > a.budget_s:
             record[name] = "skipped: time budget spent"
             continue
