@@ -51,7 +51,8 @@ _D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 /
 
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
-                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None):
+                   max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None,
+                   saves_per_step: int = SAVES_PER_STEP):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
     ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
@@ -65,6 +66,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     ``free`` (indices into ``theta``'s columns, None for all): the only parameters derivatives are
     taken with respect to; the others are held constant (no derivative flows to them), so forward
     mode carries tangents for these alone through the vector field instead of for every parameter.
+    ``saves_per_step``: the most output times one step may cover (a longer step is cut at the next);
+    each iteration interpolates and writes this many, so a sparse grid wants fewer.
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -131,8 +134,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
 
         # --- one Dormand-Prince step for every lane (used where the lane is neither at an event nor done)
         t_stop = jnp.minimum(next_ev, t_end[i])
-        j_lim = jnp.minimum(j + SAVES_PER_STEP, n_times - 1)
-        t_lim = jnp.where(j + SAVES_PER_STEP < n_times, times[i, j_lim], jnp.inf)
+        j_lim = jnp.minimum(j + saves_per_step, n_times - 1)
+        t_lim = jnp.where(j + saves_per_step < n_times, times[i, j_lim], jnp.inf)
         h_eff = jnp.maximum(jnp.minimum(jnp.minimum(h, t_stop - t), t_lim - t), 0.0)
         lands = h_eff >= t_stop - t
         stages = []
@@ -158,12 +161,12 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         r4 = y_diff - h_eff * stages[6] - b_spl
         r5 = h_eff * sum(d * kk for d, kk in zip(_D, stages) if d)
         # (one scatter per iteration: a finished lane writes its state at the output times left at its end)
-        idx = j[:, None] + jnp.arange(SAVES_PER_STEP, dtype=j.dtype)[None, :]  # (lanes, SAVES_PER_STEP)
+        idx = j[:, None] + jnp.arange(saves_per_step, dtype=j.dtype)[None, :]  # (lanes, saves_per_step)
         col = jnp.minimum(idx, n_times - 1)
         t_m = times[i[:, None], col]
         write_step = (took[:, None] & (idx < n_times) & (t_m < t_new[:, None]))
         write_end = finished[:, None] & (idx < n_times)
-        th_ = (t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None]  # (lanes, SAVES_PER_STEP)
+        th_ = (t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None]  # (lanes, saves_per_step)
         y3, d3, b3, r43, r53 = (a[:, :, None] for a in (y, y_diff, b_spl, r4, r5))  # (state, lane, 1)
         val = y3 + th_ * (d3 + (1 - th_) * (b3 + th_ * (r43 + (1 - th_) * r53)))  # (state, lane, save)
         val = jnp.where(write_end, y3, val)
@@ -191,13 +194,13 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         y_next = jnp.where(at_event, y_ev, jnp.where(took, y_new, y))
         # --- finished lanes have written their output times at the end time (a few per iteration: a padded
         # grid repeats its last time); they leave with failed ones, and the next waiting subject takes the lane
-        leaving = (finished & (j + SAVES_PER_STEP >= n_times)) | failed
+        leaving = (finished & (j + saves_per_step >= n_times)) | failed
         ok_all = ok_all.at[jnp.where(leaving, subj, n)].set(finished, mode="drop")
         steps_all = steps_all.at[jnp.where(leaving, subj, n)].set(steps, mode="drop")
         stay = {
             "subject": subj, "t": jnp.where(took, t_new, t), "y": y_next,
             "h": h_next,
-            "k": k + at_event.astype(k.dtype), "j": j + written + jnp.where(finished, SAVES_PER_STEP, 0),
+            "k": k + at_event.astype(k.dtype), "j": j + written + jnp.where(finished, saves_per_step, 0),
             "phase": jnp.where(at_event, phase_ev, lane["phase"]), "steps": steps, "th": lane["th"],
             "th_held": lane["th_held"], "cv": lane["cv"],
         }
