@@ -203,14 +203,9 @@ def mixed_doses(n):
 def lane_counts(n, counts=(64, 96, 128, 136, 192, 256)):
     """The ensemble solve alone of cd7_cart's split design on one device, on each lane count (the default,
     DEFAULT_LANES, is chosen from this table: powers of two ran slower on the AMD machine)."""
-    model = ck.load_model("cd7_cart")
-    pop = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=2, engine="diffrax", progress=False)
-    theta = np.stack([pop[p].values for p in model.parameter_names], 1)
-    cov = np.stack([pop[c.name].values for c in model.covariates], 1)
-    dose_t = np.broadcast_to(np.array([0.0, 1.0, 2.0]), (n, 3))
-    cells = np.array([0.1, 0.3, 0.6]) * 1e7 * pop[model.role("weight")].values[:, None]
-    device = jax.devices()[0]
-    args = [jax.device_put(np.asarray(a, float), device) for a in (TIMES, dose_t, cells, theta, cov)]
+    from gpu_loop_check import population
+
+    model, args = population(n)
     rows = {}
     for lanes in counts:
         solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes))

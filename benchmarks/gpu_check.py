@@ -109,31 +109,9 @@ def step_simulate(sizes, other_lanes, diffrax_chunk, record):
 def step_device_solve(n, lanes_list, record):
     """The ensemble solve alone at ``n`` subjects, inputs and outputs kept on the device (no copy to
     the host, no Dataset): what the solver itself does, beside simulate's end-to-end rate."""
-    import jax
+    from gpu_loop_check import device_solve
 
-    from carkin.simulation.ensemble import solve_ensemble
-
-    model = ck.load_model("cd7_cart")
-    pop = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=2, progress=False)
-    theta = np.stack([pop[p].values for p in model.parameter_names], 1)
-    cov = np.stack([pop[c.name].values for c in model.covariates], 1)
-    dose_t = np.broadcast_to(np.array([0.0, 1.0, 2.0]), (n, 3))
-    cells = np.array([0.1, 0.3, 0.6]) * 1e7 * pop[model.role("weight")].values[:, None]
-    device = jax.devices()[0]
-    args = [jax.device_put(np.asarray(a, float), device) for a in (TIMES, dose_t, cells, theta, cov)]
-    rows = {}
-    for lanes in lanes_list:
-        solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes))
-        t0 = time.perf_counter()
-        jax.block_until_ready(solve(*args))
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ys, ok, steps = jax.block_until_ready(solve(*args))
-        run_s = time.perf_counter() - t0
-        rows[f"lanes_{lanes}"] = {"subjects": n, "subjects_per_s": n / run_s, "run_s": run_s,
-                                  "compile_and_run_s": first, "failed": int((~np.asarray(ok)).sum()),
-                                  "mean_steps": float(np.mean(np.asarray(steps)))}
-        record["device_solve"] = rows
+    device_solve(n, lanes_list, record, budget_s=float("inf"), key="device_solve")
 
 
 def step_stream(n, block, record):
