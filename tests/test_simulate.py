@@ -132,3 +132,8 @@ def test_an_accelerator_fetch_goes_through_page_locked_memory(monkeypatch):
     assert moved == ["pinned_host", "pinned_host"]  # the two device arrays; the numpy one stays as it is
     np.testing.assert_array_equal(got["a"], np.sqrt(np.arange(12.0)).reshape(3, 4))
     np.testing.assert_array_equal(got["b"][0], np.sqrt(np.arange(12.0)).reshape(3, 4) + 1)
+    # a device without page-locked host memory is copied from directly
+    monkeypatch.setattr(sim, "_pinned_host_available", lambda a: False)
+    moved.clear()
+    np.testing.assert_array_equal(sim._fetch(x), np.sqrt(np.arange(12.0)).reshape(3, 4))
+    assert moved == []

@@ -204,9 +204,15 @@ def _dealt(chunk: int, n_devices: int) -> np.ndarray:
 PINNED_FETCH = True
 
 
+def _pinned_host_available(x: jax.Array) -> bool:
+    """Whether every device holding ``x`` offers page-locked host memory (GPUs and TPUs do)."""
+    return all("pinned_host" in {m.kind for m in d.addressable_memories()}  # type: ignore[attr-defined]
+               for d in x.sharding.device_set)
+
+
 def _to_host(x) -> np.ndarray:
-    if PINNED_FETCH and isinstance(x, jax.Array) and x.sharding.memory_kind not in (None, "pinned_host") \
-            and jax.default_backend() != "cpu":
+    if PINNED_FETCH and isinstance(x, jax.Array) and jax.default_backend() != "cpu" \
+            and x.sharding.memory_kind not in (None, "pinned_host") and _pinned_host_available(x):
         x = jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
     return np.asarray(x)
 
