@@ -128,3 +128,22 @@ def test_derivatives_are_carried_for_the_free_parameters_alone():
     assert np.max(np.abs(d_free - central) / scale) < 1e-5
     _, d_held = derivative(d_m, (rho, k_kill))
     assert np.all(np.asarray(d_held) == 0.0)  # d_m is held: no derivative flows to it
+
+
+@pytest.mark.parametrize("saves_per_step", [1, 4])
+def test_repeated_output_times_before_a_later_dose_are_written(saves_per_step):
+    """A padded grid repeats a subject's last sample time; when a dose comes after it, the repeats lie
+    inside the solve. They get the state at that time (not a stalled solve that runs out of steps),
+    equal to the solve on the grid without repeats."""
+    model = ck.load_model("cd7_cart")
+    theta, cov, weight = _subjects(model, 2, 3)
+    dose_t = np.array([[0.0, 5.0], [0.0, 5.0]])
+    cells = np.array([[1e7, 1e7], [1e7, 1e7]]) * weight[:, None]
+    repeated = np.array([0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    solve = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=8, saves_per_step=saves_per_step, **TIGHT))
+    ys, ok, _ = (np.asarray(x) for x in solve(repeated, dose_t, cells, theta, cov))
+    plain, ok_plain, _ = (np.asarray(x) for x in solve(repeated[:3], dose_t, cells, theta, cov))
+    assert ok.all() and ok_plain.all()
+    for k in range(3, 8):
+        np.testing.assert_array_equal(ys[:, k], ys[:, 2])
+    assert _relative(ys[:, :3], plain) < 1e-8

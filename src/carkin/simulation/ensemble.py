@@ -164,7 +164,9 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         idx = j[:, None] + jnp.arange(saves_per_step, dtype=j.dtype)[None, :]  # (lanes, saves_per_step)
         col = jnp.minimum(idx, n_times - 1)
         t_m = times[i[:, None], col]
-        write_step = (took[:, None] & (idx < n_times) & (t_m < t_new[:, None]))
+        # an output time equal to t is written too: when several equal ones lie ahead (a padded grid's last
+        # time before a later dose), the step is cut at them and the next, of zero length, writes them
+        write_step = took[:, None] & (idx < n_times) & ((t_m < t_new[:, None]) | (t_m <= t[:, None]))
         write_end = finished[:, None] & (idx < n_times)
         th_ = (t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None]  # (lanes, saves_per_step)
         y3, d3, b3, r43, r53 = (a[:, :, None] for a in (y, y_diff, b_spl, r4, r5))  # (state, lane, 1)
