@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check (issues 15 and 16): run every GPU step of benchmarks/gpu_check.py in this machine's
 # own Python (which has jax with CUDA), writing one JSON record to $OUT (or benchmarks/results).
-# `gpu_check.sh --loop [ARGS]` runs benchmarks/gpu_loop_check.py (the solver loop's schedules) instead.
+# `gpu_check.sh --loop [ARGS]` runs benchmarks/gpu_loop_check.py instead (the solve on the device by lane count,
+# the copy to the host, simulate end to end).
 #
 # carkin runs from a copy of src/ laid out as installed (no build). The pure-Python packages it needs at the versions it is tested
 # with travel as wheels in .whl/ (or benchmarks/wheels/) and go into /tmp/site, ahead of the machine's
@@ -53,7 +54,7 @@ install && smoke || {
     install 'diffrax-*' 'equinox-*' 'lineax-*' 'optimistix-*' && smoke
 } || { echo "carkin does not run in this Python"; exit 1; }
 echo "package stack: $STACK"
-if [ "${1:-}" = "--loop" ]; then  # the solver-loop schedules alone (benchmarks/gpu_loop_check.py)
+if [ "${1:-}" = "--loop" ]; then  # benchmarks/gpu_loop_check.py alone
     shift
     PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_loop_check.py --out "$OUT/gpu_loop.json" "$@"
     exit
