@@ -147,3 +147,20 @@ def test_repeated_output_times_before_a_later_dose_are_written(saves_per_step):
     for k in range(3, 8):
         np.testing.assert_array_equal(ys[:, k], ys[:, 2])
     assert _relative(ys[:, :3], plain) < 1e-8
+
+
+def test_a_lane_per_subject_without_refill_agrees_with_the_refilling_loop():
+    """refill=False (the fit's loop: a lane per subject, idle when done, no branch) solves on the same steps:
+    the same step counts and the same states to rounding; it refuses fewer lanes than subjects."""
+    model = ck.load_model("cd7_cart")
+    theta, cov, weight = _subjects(model, 6, 5)
+    dose_t, per_kg = dosing.dose_table(ck.split(1e7), np.ones(6), 3)
+    args = (TIMES, dose_t, per_kg * weight[:, None], theta, cov)
+    plain, ok, steps = (np.asarray(x) for x in jax.jit(lambda *a: solve_ensemble(model, *a, lanes=8))(*args))
+    idle, ok_idle, steps_idle = (np.asarray(x) for x in jax.jit(
+        lambda *a: solve_ensemble(model, *a, lanes=8, refill=False))(*args))
+    assert ok.all() and ok_idle.all()
+    np.testing.assert_array_equal(steps_idle, steps)
+    assert _relative(idle, plain) < 1e-12
+    with pytest.raises(ValueError, match="a lane per subject: 4 lanes for 6 subjects"):
+        solve_ensemble(model, *args, lanes=4, refill=False)

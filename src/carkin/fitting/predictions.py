@@ -74,7 +74,7 @@ def ensemble_observables(model: Model, names, times, dose_t, dose_c, theta, cov,
     solve, with respect to the parameters ``free`` (indices; None: all) only (solve_ensemble)."""
     lanes = -(-theta.shape[0] // LANE_MULTIPLE) * LANE_MULTIPLE
     ys, ok, _ = solve_ensemble(model, times, dose_t, dose_c, theta, cov, lanes=lanes, free=free,
-                               saves_per_step=FIT_SAVES_PER_STEP)
+                               saves_per_step=FIT_SAVES_PER_STEP, refill=False)
     obs = observe_subjects(model, ys, theta, cov)
     f = jnp.stack([obs[n] for n in names], axis=1)
     return f, ok & jnp.all(jnp.isfinite(f), axis=(1, 2))

@@ -52,7 +52,7 @@ _D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 /
 
 def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values, *, rtol=None, atol=None,
                    max_steps=None, lanes: int = DEFAULT_LANES, n_active=None, free=None,
-                   saves_per_step: int = SAVES_PER_STEP):
+                   saves_per_step: int = SAVES_PER_STEP, refill: bool = True):
     """States at ``times`` for N subjects, solved on ``lanes`` lanes with refill.
 
     ``times`` is (T,) shared by every subject or (N, T) one grid per subject (non-decreasing; a
@@ -68,6 +68,10 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     mode carries tangents for these alone through the vector field instead of for every parameter.
     ``saves_per_step``: the most output times one step may cover (a longer step is cut at the next);
     each iteration interpolates and writes this many, so a sparse grid wants fewer.
+    ``refill=False`` (needs ``lanes >= N``: a lane per subject, as in a fit): a finished lane goes idle
+    instead of taking a waiting subject, so the loop has no branch (the fit's gradient about 5%
+    quicker). Its results may differ from the refilling loop's in the last bits (XLA fuses the two
+    loops differently), so ``simulate`` always refills: a subject's numbers do not depend on its chunk.
     """
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
@@ -78,6 +82,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     dose_idx = model.dose_index
     theta, cov_values = jnp.asarray(theta), jnp.asarray(cov_values)
     n, n_par = theta.shape
+    if not refill and lanes < n:
+        raise ValueError(f"solve_ensemble(refill=False) needs a lane per subject: {lanes} lanes for {n} subjects")
     free = tuple(range(n_par)) if free is None else tuple(int(k) for k in free)
     held = tuple(k for k in range(n_par) if k not in free)
     theta_free = theta[:, list(free)]
@@ -172,8 +178,12 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         y3, d3, b3, r43, r53 = (a[:, :, None] for a in (y, y_diff, b_spl, r4, r5))  # (state, lane, 1)
         val = y3 + th_ * (d3 + (1 - th_) * (b3 + th_ * (r43 + (1 - th_) * r53)))  # (state, lane, save)
         val = jnp.where(write_end, y3, val)
-        out = out.at[jnp.where(write_step | write_end, subj[:, None], n), col].set(jnp.moveaxis(val, 0, -1),
-                                                                                   mode="drop")
+        # Slots not written go to distinct rows past the end (dropped): no two updates share an index, and
+        # the scatter says so, so its derivative is a scatter of the tangents (with repeated indices JAX
+        # masks the whole output's tangent on every iteration: the fit's gradient took 10-15% longer).
+        spare = n + jnp.arange(lanes * saves_per_step, dtype=subj.dtype).reshape(lanes, saves_per_step)
+        row = jnp.where(write_step | write_end, subj[:, None], spare)
+        out = out.at[row, col].set(jnp.moveaxis(val, 0, -1), mode="drop", unique_indices=True)
         written = jnp.sum(write_step, axis=1).astype(j.dtype)
 
         # --- events: an infusion adds to the dose state; the switch applies the model's jump
@@ -207,12 +217,15 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
             "th_held": lane["th_held"], "cv": lane["cv"],
         }
 
-        def refill(current):
+        def take_waiting(current):
             rank = (jnp.cumsum(leaving) - 1).astype(subj.dtype)
             fresh = start(jnp.where(queue + rank < limit, queue + rank, -1).astype(subj.dtype))
             return {key: jnp.where(leaving, fresh[key], v) for key, v in current.items()}  # lanes are the last axis
 
-        lane = jax.lax.cond(jnp.any(leaving), refill, lambda current: current, stay)  # most iterations: none left
+        if not refill:  # a lane per subject: a lane that is done goes idle
+            lane = dict(stay, subject=jnp.where(leaving, -1, subj))
+        else:  # most iterations: no lane left
+            lane = jax.lax.cond(jnp.any(leaving), take_waiting, lambda current: current, stay)
         return lane, out, ok_all, steps_all, queue + jnp.sum(leaving).astype(queue.dtype)
 
     def cond(carry):
