@@ -329,14 +329,16 @@ class CD19CART(Model):
         ap = jnp.maximum(a, 0.0)
         a2 = ap * ap
         window = p["g_inf"] + (1.0 - p["g_inf"]) * jnp.exp(-p["k_ld"] * t)
-        stim = p["rho_e"] * window * a2 / (a2 + p["k_a"] * p["k_a"]) * (1.0 - c / p["k_car"])
-        hazard = p["k_kill"] * cp / (p["k_e"] + cp + ap / p["eta"])
+        # reciprocals, not quotients, of what varies: forward-mode derivatives multiply (cd7_cart.py)
+        stim = p["rho_e"] * window * a2 * (1.0 / (a2 + p["k_a"] * p["k_a"])) * (1.0 - c * (1.0 / p["k_car"]))
+        hazard = p["k_kill"] * cp * (1.0 / (p["k_e"] + cp + ap * (1.0 / p["eta"])))
         de = stim * ep - (p["d_e"] + p["k_em"]) * e
         dm = p["k_em"] * ep - p["d_m"] * m
-        growth = p["rho_l"] * (1.0 - (lk + ln) / p["l_max"])
+        fill = (lk + ln) * (1.0 / p["l_max"])
+        growth = p["rho_l"] * (1.0 - fill)
         dl = growth * lp - hazard * lk
         dln = growth * lnp
-        room = jnp.maximum(1.0 - (lk + ln) / p["l_max"], 0.0)
+        room = jnp.maximum(1.0 - fill, 0.0)
         # B cells are made from CD19+ marrow precursors, which CAR cells kill too: what reaches the
         # blood is the production surviving a precursor stage of tau_pre days under the same hazard
         made = p["d_b"] * p["bn_norm"] * room * jnp.exp(-hazard * p["tau_pre"])

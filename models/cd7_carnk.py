@@ -176,7 +176,7 @@ class CD7CARNK(Model):
     def vector_field(self, t, y, p, cov, phase):
         e, b, r, n, q = y[0], y[1], y[2], y[3], y[4]
         antigen = b + n
-        stim = antigen / (p["k_a"] + antigen)
+        stim = antigen * (1.0 / (p["k_a"] + antigen))  # a reciprocal: derivatives multiply (cd7_cart.py)
         window = jnp.exp(-p["k_ld"] * t)
         de = (p["rho"] * window * stim - p["d_e"] - p["k_p"]) * e
         dq = p["k_p"] * e - p["d_p"] * q

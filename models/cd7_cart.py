@@ -221,16 +221,16 @@ def tumour_normal_initial(p, cov):
 
 def kill_rate(e, b, n, p):
     """Per-target kill rate (1/day) of CD7+ targets by effector CAR cells, saturating in targets."""
-    return p["k_kill"] * e / (p["km_kill"] + b + n)
+    return p["k_kill"] * e * (1.0 / (p["km_kill"] + b + n))
 
 
 def tumour_normal_rates(kill, b, r, n, p, cov):
     """dB/dt, dR/dt, dN/dt given the per-target kill rate of CD7+ cells (blasts and normal T/NK)."""
-    growth = p["r_t"] * (1.0 - (b + r) / p["k_t"])
+    growth = p["r_t"] * (1.0 - (b + r) * (1.0 / p["k_t"]))
     n0 = cov["CD7N0"]
     db = (growth - kill) * b
     dr = growth * r
-    dn = (p["s_n"] * n0 + p["r_n"] * n) * (1.0 - n / n0) - kill * n
+    dn = (p["s_n"] * n0 + p["r_n"] * n) * (1.0 - n * (1.0 / n0)) - kill * n
     return db, dr, dn
 
 
@@ -428,9 +428,11 @@ class CD7CART(Model):
         phi = self.fratricide_scale
         car = e + m + x
         antigen = b + n + phi * car
-        stim = antigen / (p["k_a"] + antigen)
+        # rates divide through reciprocals (a * (1 / b)): forward-mode derivatives then multiply where a
+        # quotient's would divide for every tangent (the fit's gradient 13% quicker, benchmarks/README.md)
+        stim = antigen * (1.0 / (p["k_a"] + antigen))
         window = p["g_inf"] + (1.0 - p["g_inf"]) * jnp.exp(-p["k_ld"] * t)
-        density = 1.0 / (1.0 + car / p["k_c"])
+        density = 1.0 / (1.0 + car * (1.0 / p["k_c"]))
         growth = p["rho"] * window * stim * density
         loss = p["d_e"] + p["k_em"] + p["k_ex"] * stim + p["k_fr"] * phi * car
         de = (growth - loss) * e + p["a_m"] * stim * m
