@@ -41,7 +41,7 @@ def predict_grid(model: Model, names, times, dose_t, dose_c, theta, cov, free=No
     with respect to; ODE solves are then differentiated in forward mode over them. None: reverse
     mode through the solve (diffrax's adjoint). ``engine``: with ``free`` given, ``"auto"`` and
     ``"ensemble"`` solve all subjects at once with the ensemble solver (:func:`_ensemble_observables`;
-    the cd7_cart log density's value with gradient measured 2.5x quicker than with diffrax,
+    the cd7_cart log density's value with gradient measured 3.5x quicker than with diffrax,
     benchmarks/README.md), ``"diffrax"`` solves each subject with diffrax
     (:func:`_forward_mode_observables`). Reverse mode (``free`` None) always uses diffrax."""
     if engine not in FIT_ENGINES:
