@@ -32,6 +32,19 @@ SAFETY, MIN_FACTOR, MAX_FACTOR = 0.9, 0.2, 10.0  # step-size controller (diffrax
 # 1.4x slower than 96-200 on a 2-core AMD EPYC (benchmarks/README.md, lane counts); 136 is in that band.
 DEFAULT_LANES = 136
 LANE_MULTIPLE = 8  # lane counts in multiples of the vector width keep every lane on the same code path
+# How XLA compiles an ensemble solve for a CPU: the lanes' arithmetic may be reassociated and contracted into
+# fused multiply-adds, in vectors as wide as the CPU has, while NaN, infinity, division and library functions
+# (exp, log) keep their IEEE meaning, so the failure checks and the rates stay exact. cd7_cart's solve ran
+# 1.27x quicker on one core of the AMD machine, with the same steps and states within 1.2e-10 relative of
+# the default compile (benchmarks/README.md, "Compiler options").
+CPU_COMPILER_OPTIONS = (
+    ("xla_cpu_enable_fast_math", True),
+    ("xla_cpu_fast_math_honor_nans", True),
+    ("xla_cpu_fast_math_honor_infs", True),
+    ("xla_cpu_fast_math_honor_division", True),
+    ("xla_cpu_fast_math_honor_functions", True),
+    ("xla_cpu_prefer_vector_width", 512),
+)
 
 # Dormand & Prince (1980) 5(4) tableau; error weights are b - b_hat.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -73,6 +86,41 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     quicker). Its results may differ from the refilling loop's in the last bits (XLA fuses the two
     loops differently), so ``simulate`` always refills: a subject's numbers do not depend on its chunk.
     """
+    prepared = prepare_ensemble(model, times, dose_times, dose_cells, theta, cov_values)
+    return integrate_ensemble(model, prepared, times, theta, cov_values, rtol=rtol, atol=atol, max_steps=max_steps,
+                              lanes=lanes, n_active=n_active, free=free, saves_per_step=saves_per_step, refill=refill)
+
+
+def prepare_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_values) -> dict:
+    """What :func:`integrate_ensemble` needs of each subject besides its parameters and output times:
+    its events in time order (N, E: times, amounts, kinds), its states at its first infusion and before
+    it (N, n_states), and the index of its first output time at or after that infusion (N,). Arguments
+    as :func:`solve_ensemble`'s."""
+    names = model.parameter_names
+    cnames = tuple(c.name for c in model.covariates)
+    theta = jnp.asarray(theta)
+    n = theta.shape[0]
+    times = jnp.broadcast_to(jnp.asarray(times, float), (n, jnp.shape(times)[-1]))
+
+    def prepare(th, cv, d_t, d_c):
+        p, c = dict(zip(names, th)), dict(zip(cnames, cv))
+        ev_t, ev_amt, ev_kind = event_table(model, d_t, d_c, p, c)
+        y0 = model.initial_state(p, c).astype(float)
+        base = model.baseline_state(p, c).astype(float)
+        return ev_t, ev_amt, ev_kind, y0, base
+
+    ev_t, ev_amt, ev_kind, y0, base = jax.vmap(prepare)(theta, jnp.asarray(cov_values), dose_times, dose_cells)
+    first_save = jnp.sum(times < ev_t[:, :1], axis=1).astype(jnp.int32)
+    return dict(ev_t=ev_t, ev_amt=ev_amt, ev_kind=ev_kind, y0=y0, base=base, first_save=first_save)
+
+
+def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *, rtol=None, atol=None, max_steps=None,
+                       lanes: int = DEFAULT_LANES, n_active=None, free=None, saves_per_step: int = SAVES_PER_STEP,
+                       refill: bool = True):
+    """The lanes' loop of :func:`solve_ensemble` on subjects already prepared (:func:`prepare_ensemble`);
+    arguments and result as :func:`solve_ensemble`'s. A program of its own may be compiled with
+    :func:`compiler_options`: it touches only the lanes' arithmetic, whose compile does not depend on the
+    number of subjects, so a subject's result stays the same in any chunk."""
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
     atol = s.atol if atol is None else atol
@@ -94,17 +142,10 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         p = dict(zip((names[k] for k in free), th_free))
         p.update(zip((names[k] for k in held), th_held))
         return p
+    ev_t, ev_amt, ev_kind = prepared["ev_t"], prepared["ev_amt"], prepared["ev_kind"]
+    y0, base, first_save = prepared["y0"], prepared["base"], prepared["first_save"]
     times = jnp.broadcast_to(jnp.asarray(times, float), (n, jnp.shape(times)[-1]))
     n_times = times.shape[1]
-
-    def prepare(th, cv, d_t, d_c):
-        p, c = dict(zip(names, th)), dict(zip(cnames, cv))
-        ev_t, ev_amt, ev_kind = event_table(model, d_t, d_c, p, c)
-        y0 = model.initial_state(p, c).astype(float)
-        base = model.baseline_state(p, c).astype(float)
-        return ev_t, ev_amt, ev_kind, y0, base
-
-    ev_t, ev_amt, ev_kind, y0, base = jax.vmap(prepare)(theta, cov_values, dose_times, dose_cells)
     n_events = ev_t.shape[1]
     t_first = ev_t[:, 0]
     t_end = jnp.maximum(times[:, -1], ev_t[:, -1])
@@ -124,7 +165,7 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
         i = jnp.clip(subject, 0, n - 1)
         t0 = t_first[i]
         return dict(subject=subject, t=t0, y=y0[i].T, h=jnp.full(subject.shape, s.dt0), k=jnp.zeros_like(subject),
-                    j=jnp.sum(times[i] < t0[:, None], axis=1).astype(subject.dtype), phase=jnp.zeros_like(subject),
+                    j=first_save[i].astype(subject.dtype), phase=jnp.zeros_like(subject),
                     steps=jnp.zeros_like(subject), th=theta_free[i].T, th_held=theta_held[i].T, cv=cov_values[i].T)
 
     # Output slots an iteration does not write go to distinct rows past the end (dropped): no two updates
@@ -240,6 +281,12 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.minimum(lanes, limit))
     _, out, ok, n_steps, _ = jax.lax.while_loop(cond, body, carry)
     return out, ok, n_steps
+
+
+def compiler_options() -> dict | None:
+    """Options for ``jax.jit`` of a program built around :func:`solve_ensemble` on JAX's default backend
+    (CPU_COMPILER_OPTIONS on a CPU; None, XLA's defaults, elsewhere)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def observe_subjects(model: Model, ys, theta, cov_values) -> dict:

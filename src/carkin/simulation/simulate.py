@@ -21,7 +21,13 @@ from carkin.guards import check_memory, check_seed
 from carkin.model import dosing, population
 from carkin.model.kinetics import Model
 from carkin.simulation.ensemble import DEFAULT_LANES as ENSEMBLE_LANES
-from carkin.simulation.ensemble import LANE_MULTIPLE, observe_subjects, solve_ensemble
+from carkin.simulation.ensemble import (
+    LANE_MULTIPLE,
+    compiler_options,
+    integrate_ensemble,
+    observe_subjects,
+    prepare_ensemble,
+)
 from carkin.simulation.solve import check_tolerances, solve_subject
 from carkin.strict import TIME_RANGE, UNIT_RANGES
 
@@ -124,14 +130,16 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
         return jnp.where(par_mask, par_given, theta), jnp.where(cov_mask, cov_given, cov_s)
 
-    def ensemble(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times,
-                 end):
+    def drawn(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times):
         theta, cov_v = jax.vmap(draw, in_axes=(None, 0, None, None, None, 0, None, 0, None))(
             key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
         cells = dose_per_kg * cov_v[:, cnames.index(weight)][:, None]
+        return prepare_ensemble(model, times, dose_t, cells, theta, cov_v), theta, cov_v
+
+    def solved(prepared, theta, cov_v, index, times, end):
         # subjects with index >= end pad the last chunk: they come last on each device and are skipped
-        ys, ok, steps = solve_ensemble(model, times, dose_t, cells, theta, cov_v, rtol=rtol, atol=atol,
-                                       lanes=lanes, n_active=jnp.sum(index < end))
+        ys, ok, steps = integrate_ensemble(model, prepared, times, theta, cov_v, rtol=rtol, atol=atol, lanes=lanes,
+                                           n_active=jnp.sum(index < end))
         obs = observe_subjects(model, ys, theta, cov_v)
         ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
@@ -152,18 +160,35 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         return obs, ys if states else ys[:, :0], ok & finite, steps, theta, cov_v
 
     in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None, None)
-    batched = ensemble if engine == "ensemble" else jax.vmap(one, in_axes=in_axes)
+    if engine != "ensemble":
+        return _compiled(jax.vmap(one, in_axes=in_axes), in_axes, n_devices)
+    # Two programs: the draw and each subject's events and initial states compiled as XLA does by default,
+    # then the lanes' loop and the observables with the ensemble's compiler options. The loop's compile
+    # does not depend on the chunk's size, so a subject's states are the same in any chunk.
+    first = _compiled(drawn, in_axes[:-1], n_devices)
+    second = _compiled(solved, (0, 0, 0, 0, None, None), n_devices, compiler_options())
+
+    def run(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times, end):
+        return second(*first(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t,
+                             dose_per_kg, times), index, times, end)
+
+    return run
+
+
+def _compiled(fn, in_axes, n_devices: int, options: dict | None = None):
+    """``jit(fn)`` on one device, or each device running ``fn`` on its own slice of the arguments whose
+    ``in_axes`` is 0 (the others, None, are shared), with the results back in subject order."""
     if n_devices == 1:
-        return jax.jit(batched)
+        return jax.jit(fn, compiler_options=options)
     # Each device solves its own slice of the chunk with its own solver loops (shard_map), so the
-    # devices never wait for each other inside an adaptive solve; results come back in subject order.
+    # devices never wait for each other inside an adaptive solve.
     from jax.sharding import Mesh, PartitionSpec
 
     mesh = Mesh(np.array(jax.local_devices()[:n_devices]), ("subjects",))
     specs = tuple(PartitionSpec() if a is None else PartitionSpec("subjects") for a in in_axes)
     # check_vma=False: equinox error checks inside diffrax carry unannotated cond branches.
-    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("subjects"),
-                                 check_vma=False))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=PartitionSpec("subjects"),
+                                 check_vma=False), compiler_options=options)
 
 
 def ensemble_sizes() -> tuple[int, int]:
