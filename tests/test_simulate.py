@@ -128,12 +128,28 @@ def test_an_accelerator_fetch_goes_through_page_locked_memory(monkeypatch):
     real_put = jax.device_put
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_put", lambda a, s: moved.append(s.memory_kind) or real_put(a, s))
-    got = sim._fetch({"a": x, "b": (x + 1, np.ones(2))})
+    got = jax.tree.map(sim._to_host, {"a": x, "b": (x + 1, np.ones(2))})
     assert moved == ["pinned_host", "pinned_host"]  # the two device arrays; the numpy one stays as it is
     np.testing.assert_array_equal(got["a"], np.sqrt(np.arange(12.0)).reshape(3, 4))
     np.testing.assert_array_equal(got["b"][0], np.sqrt(np.arange(12.0)).reshape(3, 4) + 1)
     # a device without page-locked host memory is copied from directly
     monkeypatch.setattr(sim, "_pinned_host_available", lambda a: False)
     moved.clear()
-    np.testing.assert_array_equal(sim._fetch(x), np.sqrt(np.arange(12.0)).reshape(3, 4))
+    np.testing.assert_array_equal(sim._to_host(x), np.sqrt(np.arange(12.0)).reshape(3, 4))
     assert moved == []
+
+
+def test_a_chunk_dealt_to_the_devices_comes_back_in_subject_order_without_its_padding():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from carkin.simulation import simulate as sim
+
+    n_dev = jax.local_device_count()
+    chunk, count = 8 * n_dev, 8 * n_dev - 3  # the last three places pad the chunk
+    subject = sim._dealt(chunk, n_dev)  # which subject sits at each place of the chunk
+    rows = np.stack([subject, -10.0 * subject], axis=1)
+    mesh = Mesh(np.array(jax.local_devices()), ("subjects",))
+    got = sim._undeal(jax.device_put(rows, NamedSharding(mesh, PartitionSpec("subjects"))), n_dev, count)
+    np.testing.assert_array_equal(got, rows[np.argsort(subject)][:count])
+    np.testing.assert_array_equal(got[:, 0], np.arange(count))

@@ -201,16 +201,17 @@ def ensemble_sizes() -> tuple[int, int]:
 
 def _layout(n: int, chunk_size: int | None, per_call: int = DEFAULT_CHUNK, balanced: bool = False) -> tuple[int, int]:
     """(chunk, devices): at most ``per_call`` subjects per device per call, rounded up
-    to a power of two for small populations so only a few shapes are compiled. ``balanced``
-    (for a closed form, quick to compile): the calls share the population evenly instead, rounded
-    up to BALANCED_ROUNDING subjects per device, so little is computed for padding."""
+    to a power of two for small populations so only a few shapes are compiled. ``balanced``: above
+    BALANCED_ROUNDING subjects per device the calls share the population evenly instead, rounded up to
+    a multiple of it, so little is computed for padding (a few more shapes to compile: 10,000 subjects
+    on 2 devices take 10,240 places instead of 16,384)."""
     n_dev = jax.local_device_count()
     if chunk_size:
         return chunk_size, n_dev if chunk_size % n_dev == 0 and chunk_size >= MIN_PER_DEVICE * n_dev else 1
     if n < MIN_PER_DEVICE * n_dev:
         n_dev = 1
     per_device = min(per_call, 1 << (-(-n // n_dev) - 1).bit_length())
-    if balanced and per_device == per_call:
+    if balanced and per_device > BALANCED_ROUNDING:
         calls = -(-n // (per_call * n_dev))
         per_device = min(per_call, -(-n // (calls * n_dev * BALANCED_ROUNDING)) * BALANCED_ROUNDING)
     return per_device * n_dev, n_dev
@@ -242,9 +243,16 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _fetch(out):
-    """Device results to host numpy arrays."""
-    return jax.tree.map(_to_host, out)
+def _undeal(x: jax.Array, n_devices: int, count: int) -> np.ndarray:
+    """The first ``count`` subjects of a chunk dealt out to ``n_devices`` devices (:func:`_dealt`), in
+    subject order: device d's row r is subject r * n_devices + d, so each device's real rows are copied
+    once, straight into place, and its padding rows not at all."""
+    pieces = sorted(x.addressable_shards, key=lambda piece: piece.index[0].start or 0)
+    host = [_to_host(piece.data) for piece in pieces]
+    out = np.empty((count,) + host[0].shape[1:], host[0].dtype)
+    for d, rows in enumerate(host):
+        out[d::n_devices] = rows[: len(range(d, count, n_devices))]
+    return out
 
 
 def _per_subject(name, value, n) -> np.ndarray:
@@ -363,7 +371,9 @@ def simulate(
 
     lanes, ensemble_chunk = ensemble_sizes()
     per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk}.get(engine, DEFAULT_CHUNK)
-    chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine == "closed-form")
+    # the closed form and the ensemble (which skips padding subjects in its loop) pay little for a shape
+    # more, and drawing, preparing and observing padding costs them a quarter of a call (benchmarks/README.md)
+    chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine in ("closed-form", "ensemble"))
     if lanes > ENSEMBLE_LANES:  # a GPU's lanes: no more than the chunk has subjects (idle lanes still step)
         lanes = min(lanes, max(ENSEMBLE_LANES, -(-(chunk // n_dev) // LANE_MULTIPLE) * LANE_MULTIPLE))
     n_chunks = -(-n // chunk)
@@ -388,10 +398,13 @@ def simulate(
     # the devices in turn so each gets its share of the real ones (first on each device, as it needs).
     dealt = engine == "ensemble" and n_dev > 1
     perm = _dealt(chunk, n_dev) if dealt else np.arange(chunk)
-    restore = np.argsort(perm)
 
-    def in_order(out):
-        return jax.tree.map(lambda x: x[restore], _fetch(out)) if dealt else _fetch(out)
+    def in_order(out, i):
+        """Chunk i's results on the host in subject order, without the padding of a last chunk."""
+        count = min(chunk, n - i * chunk)
+        if dealt:
+            return jax.tree.map(lambda x: _undeal(x, n_dev, count), out)
+        return jax.tree.map(lambda x: _to_host(x)[:count], out)
 
     results = []
     for reg in regimens:
@@ -401,16 +414,16 @@ def simulate(
             sl = i * chunk + perm if dealt else slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
-            pending.append(solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
-                                  par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid, end))
+            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
+                                      par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid, end)))
             if len(pending) > IN_FLIGHT:
-                parts.append(in_order(pending.pop(0)))
+                parts.append(in_order(*pending.pop(0)[::-1]))
                 bar.update(1)
-        for out in pending:
-            parts.append(in_order(out))
+        for i, out in pending:
+            parts.append(in_order(out, i))
             bar.update(1)
         # one chunk needs no copy (measured: the copy was a quarter of a GPU call's time at 2^15 subjects)
-        results.append(jax.tree.map(lambda *xs: xs[0][:n] if len(xs) == 1 else np.concatenate(xs)[:n], *parts))
+        results.append(jax.tree.map(lambda *xs: xs[0] if len(xs) == 1 else np.concatenate(xs), *parts))
     bar.close()
     ds = _to_dataset(model, regimens, several, grid, results, n_subjects, seed, include_states, first_subject)
     ds.attrs["engine"] = engine
