@@ -5,8 +5,9 @@
    day 90, the model's tolerances rtol 1e-6 / atol 1e-6, every CPU core a device), engine "ensemble"
    against engine "diffrax".
 2. Mixed doses: cd7_cart subjects whose single doses spread log-uniformly over 1e5-1e9 cells/kg, so
-   their step counts differ widely. Engine level, one device: ``solve_ensemble`` on 256 lanes against
-   ``jit(vmap(solve_subject))`` in chunks of 256 (simulate's chunk), same subjects and inputs.
+   their step counts differ widely. Engine level, one device: ``solve_ensemble`` on its default lanes,
+   compiled with simulate's options for the loop, against ``jit(vmap(solve_subject))`` in chunks of 256
+   (simulate's chunk for that path), same subjects and inputs.
 3. The C reference (benchmarks/c_reference/dopri5_cd7.c, built here with -O3 -march=native -fopenmp):
    the same Dormand-Prince method, controller, events and dense output, one subject at a time per
    thread, on the same subjects and doses as 1., on 1 and on 2 threads (solve time only: inputs are
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from simulate_throughput import machine  # noqa: E402
 
 import carkin as ck  # noqa: E402
-from carkin.simulation.ensemble import DEFAULT_LANES, solve_ensemble  # noqa: E402
+from carkin.simulation.ensemble import DEFAULT_LANES, compiler_options, solve_ensemble  # noqa: E402
 from carkin.simulation.solve import solve_subject  # noqa: E402
 
 ck.configure(compilation_cache=False)
@@ -166,17 +167,20 @@ def mixed_doses(n):
     device = jax.devices()[0]
     args = [jax.device_put(a, device) for a in (TIMES, dose_t, cells, theta, cov)]
 
-    ensemble = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=DEFAULT_LANES))
+    # compiled as simulate compiles the lanes' loop (carkin.simulation.ensemble.compiler_options)
+    ensemble = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=DEFAULT_LANES), compiler_options=compiler_options())
     names, cnames = model.parameter_names, [c.name for c in model.covariates]
 
     def one(times, d_t, d_c, th, cv):
         return solve_subject(model, times, d_t, d_c, dict(zip(names, th)), dict(zip(cnames, cv)))
 
     vmapped = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0)))
+    # the same vmap path compiled with the ensemble's options: how much of the gap the options alone make
+    vmapped_options = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0)), compiler_options=compiler_options())
     chunk = 256
 
-    def run_vmap():
-        outs = [vmapped(args[0], *(a[i:i + chunk] for a in args[1:])) for i in range(0, n, chunk)]
+    def run_vmap(solve=vmapped):
+        outs = [solve(args[0], *(a[i:i + chunk] for a in args[1:])) for i in range(0, n, chunk)]
         return [np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3)]
 
     def run_ensemble():
@@ -185,16 +189,18 @@ def mixed_doses(n):
     rows = {}
     (ys_e, ok_e, st_e), t_e, c_e = _timed(run_ensemble)
     (ys_v, ok_v, st_v), t_v, c_v = _timed(run_vmap)
+    (ys_o, ok_o, st_o), t_o, c_o = _timed(lambda: run_vmap(vmapped_options))
     tight = jax.jit(jax.vmap(lambda *a: solve_subject(model, a[0], a[1], a[2], dict(zip(names, a[3])),
                                                       dict(zip(cnames, a[4])), rtol=1e-10, atol=1e-12),
                              in_axes=(None, 0, 0, 0, 0)))
     k = ACCURACY_SUBJECTS
     ref = np.asarray(tight(args[0], *(a[:k] for a in args[1:]))[0])
-    for name, ys, ok, st, t, c in (("ensemble", ys_e, ok_e, st_e, t_e, c_e), ("diffrax", ys_v, ok_v, st_v, t_v, c_v)):
+    for name, ys, ok, st, t, c in (("ensemble", ys_e, ok_e, st_e, t_e, c_e), ("diffrax", ys_v, ok_v, st_v, t_v, c_v),
+                                   ("diffrax_with_ensemble_options", ys_o, ok_o, st_o, t_o, c_o)):
         rows[name] = {"subjects_per_s": n / t, "run_s": t, "compile_s": c, "mean_steps": float(np.mean(st)),
                       "max_steps": int(np.max(st)), "failed": int((~ok).sum()),
                       "max_rel_error_vs_rtol1e-10": _max_rel(ys[:k], ref)}
-        print(f"  mixed doses {name:11s} {n / t:12,.0f} subjects/s  run {t:6.2f} s  compile {c:5.1f} s  "
+        print(f"  mixed doses {name:29s} {n / t:12,.0f} subjects/s  run {t:6.2f} s  compile {c:5.1f} s  "
               f"steps mean {np.mean(st):.0f} max {np.max(st)}  max rel error (states) "
               f"{rows[name]['max_rel_error_vs_rtol1e-10']:.1e}")
     return rows
@@ -208,7 +214,8 @@ def lane_counts(n, counts=(64, 96, 128, 136, 192, 256)):
     model, args = population(n)
     rows = {}
     for lanes in counts:
-        solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes))
+        solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes),
+                        compiler_options=compiler_options())
         _, t, c = _timed(lambda f=solve: jax.block_until_ready(f(*args)), repeats=3)
         rows[str(lanes)] = {"subjects_per_s": n / t, "run_s": t, "compile_s": c}
         print(f"  {lanes:4d} lanes {n / t:12,.0f} subjects/s  run {t:6.3f} s"
