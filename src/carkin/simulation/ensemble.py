@@ -118,9 +118,10 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
                        lanes: int = DEFAULT_LANES, n_active=None, free=None, saves_per_step: int = SAVES_PER_STEP,
                        refill: bool = True):
     """The lanes' loop of :func:`solve_ensemble` on subjects already prepared (:func:`prepare_ensemble`);
-    arguments and result as :func:`solve_ensemble`'s. A program of its own may be compiled with
-    :func:`compiler_options`: it touches only the lanes' arithmetic, whose compile does not depend on the
-    number of subjects, so a subject's result stays the same in any chunk."""
+    arguments and result as :func:`solve_ensemble`'s. ``simulate`` compiles it as a program of its own with
+    :func:`compiler_options`: its arithmetic is the lanes', whose compiled code did not change with the
+    number of subjects (states bit-identical for chunks of 16 to 300 subjects), so a subject's states are
+    the same in any chunk; the preparation's, compiled with the options, did change (by an ulp)."""
     s = model.solver
     rtol = s.rtol if rtol is None else rtol
     atol = s.atol if atol is None else atol
