@@ -1,6 +1,7 @@
 """The ensemble ODE solver (lanes with their own clocks and refill) against diffrax at tight tolerance,
-on every library model, several regimens and the protocols' dose range; its results do not depend on
-the lane count, the chunking or the device count."""
+on every library model, several regimens and the protocols' dose range, compiled with XLA's defaults
+(as in fits) and as simulate compiles it; its results do not depend on which lane a subject runs on,
+the chunking or the device count."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 import carkin as ck
 from carkin.model import dosing
-from carkin.simulation.ensemble import solve_ensemble
+from carkin.simulation.ensemble import compiler_options, integrate_ensemble, prepare_ensemble, solve_ensemble
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 AGREEMENT = 1e-5  # relative, ensemble vs diffrax, both at TIGHT
@@ -32,12 +33,27 @@ def _relative(got, want):
     return np.nanmax(np.abs(got - want) / scale)
 
 
+def _as_simulate_compiles(model, **options):
+    """The ensemble solve as simulate compiles it: each subject's events and initial states with XLA's
+    defaults, then the lanes' loop with the ensemble's compiler options (reassociation, fused multiply-adds)."""
+    prepare = jax.jit(lambda *a: prepare_ensemble(model, *a))
+    loop = jax.jit(lambda p, t, th, cv: integrate_ensemble(model, p, t, th, cv, **options),
+                   compiler_options=compiler_options())
+    return lambda t, d_t, d_c, th, cv: loop(prepare(t, d_t, d_c, th, cv), t, th, cv)
+
+
 def _check_against_diffrax(name, n=6, lanes=8):
     model = ck.load_model(name)
     reference = ck.simulate(model, REGIMENS, TIMES, n_subjects=n, seed=7, engine="diffrax", include_states=True,
                             progress=False, **TIGHT)
     theta, cov, weight = _subjects(model, 4 * n, 7)  # the first n are the reference's subjects
-    solve = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=lanes, **TIGHT))
+    _check_solve(model, reference, theta, cov, weight, n, jax.jit(lambda *a: solve_ensemble(model, *a, lanes=lanes,
+                                                                                            **TIGHT)))
+    _check_solve(model, reference, theta, cov, weight, n, _as_simulate_compiles(model, lanes=lanes, **TIGHT))
+
+
+def _check_solve(model, reference, theta, cov, weight, n, solve):
+    name = model.name
     for r, regimen in enumerate(REGIMENS):
         dose_t, per_kg = dosing.dose_table(regimen, np.ones(4 * n), 3)
         cells = per_kg * weight[:, None]

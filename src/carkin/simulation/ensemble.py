@@ -36,7 +36,7 @@ LANE_MULTIPLE = 8  # lane counts in multiples of the vector width keep every lan
 # fused multiply-adds, in vectors as wide as the CPU has, while NaN, infinity, division and library functions
 # (exp, log) keep their IEEE meaning, so the failure checks and the rates stay exact. cd7_cart's solve ran
 # 1.27x quicker on one core of the AMD machine, with the same steps and states within 1.2e-10 relative of
-# the default compile (benchmarks/README.md, "Compiler options").
+# the default compile (benchmarks/README.md, "Engines").
 CPU_COMPILER_OPTIONS = (
     ("xla_cpu_enable_fast_math", True),
     ("xla_cpu_fast_math_honor_nans", True),

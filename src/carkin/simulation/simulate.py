@@ -372,7 +372,7 @@ def simulate(
     lanes, ensemble_chunk = ensemble_sizes()
     per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk}.get(engine, DEFAULT_CHUNK)
     # the closed form and the ensemble (which skips padding subjects in its loop) pay little for a shape
-    # more, and drawing, preparing and observing padding costs them a quarter of a call (benchmarks/README.md)
+    # more, and drawing, preparing and observing padding cost the ensemble a fifth of a call (benchmarks/README.md)
     chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine in ("closed-form", "ensemble"))
     if lanes > ENSEMBLE_LANES:  # a GPU's lanes: no more than the chunk has subjects (idle lanes still step)
         lanes = min(lanes, max(ENSEMBLE_LANES, -(-(chunk // n_dev) // LANE_MULTIPLE) * LANE_MULTIPLE))
@@ -417,7 +417,8 @@ def simulate(
             pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
                                       par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid, end)))
             if len(pending) > IN_FLIGHT:
-                parts.append(in_order(*pending.pop(0)[::-1]))
+                oldest, out = pending.pop(0)
+                parts.append(in_order(out, oldest))
                 bar.update(1)
         for i, out in pending:
             parts.append(in_order(out, i))
