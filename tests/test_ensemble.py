@@ -206,3 +206,12 @@ def test_idle_lanes_take_waiting_subjects_in_batches_and_change_nothing():
     assert batched[1].all() and (batched[2] > 0).all()
     for a, b in zip(batched, at_once):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_xla_without_the_compiler_options_compiles_with_its_defaults(monkeypatch):
+    from carkin.simulation import ensemble
+
+    assert ensemble.compiler_options() == dict(ensemble.CPU_COMPILER_OPTIONS)  # this XLA knows them
+    unknown = ensemble.CPU_COMPILER_OPTIONS + (("xla_cpu_no_such_option_in_any_release", True),)
+    monkeypatch.setattr(ensemble, "CPU_COMPILER_OPTIONS", unknown)
+    assert ensemble.compiler_options() is None

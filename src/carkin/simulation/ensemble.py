@@ -19,6 +19,8 @@ Everything is pure JAX: forward-mode derivatives (``jax.jvp``) pass through the 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -296,8 +298,21 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
 
 def compiler_options() -> dict | None:
     """Options for ``jax.jit`` of a program built around :func:`solve_ensemble` on JAX's default backend
-    (CPU_COMPILER_OPTIONS on a CPU; None, XLA's defaults, elsewhere)."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    (CPU_COMPILER_OPTIONS on a CPU whose XLA knows them; None, XLA's defaults, elsewhere)."""
+    if jax.default_backend() != "cpu" or not _cpu_options_known(CPU_COMPILER_OPTIONS):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_options_known(options: tuple) -> bool:
+    """Whether this XLA compiles with ``options`` (another jax release may have renamed one): a tiny
+    program compiled once per process."""
+    try:
+        jax.jit(lambda x: x + 1.0, compiler_options=dict(options)).lower(1.0).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
 
 
 def observe_subjects(model: Model, ys, theta, cov_values) -> dict:
