@@ -6,8 +6,9 @@
    against engine "diffrax".
 2. Mixed doses: cd7_cart subjects whose single doses spread log-uniformly over 1e5-1e9 cells/kg, so
    their step counts differ widely. Engine level, one device: ``solve_ensemble`` on its default lanes,
-   compiled with simulate's options for the loop, against ``jit(vmap(solve_subject))`` in chunks of 256
-   (simulate's chunk for that path), same subjects and inputs.
+   compiled with the options simulate gives its loop (here in one program with the preparation: the
+   speed is the same), against ``jit(vmap(solve_subject))`` in chunks of 256 (simulate's chunk for that
+   path), same subjects and inputs.
 3. The C reference (benchmarks/c_reference/dopri5_cd7.c, built here with -O3 -march=native -fopenmp):
    the same Dormand-Prince method, controller, events and dense output, one subject at a time per
    thread, on the same subjects and doses as 1., on 1 and on 2 threads (solve time only: inputs are
@@ -54,13 +55,10 @@ ACCURACY_SUBJECTS = 100
 FLOOR = 1e-3  # relative errors where the observable exceeds this (its units)
 
 
-MEDIANS: dict = {}  # median run seconds of each timed path, by the id of its function (the records add them)
-
-
 def _timed(fn, repeats: int = 5):
-    """(result, best run seconds of ``repeats`` calls after a first one, compile seconds = first - best).
-    The median of the calls goes to MEDIANS[id(fn)]: on two CPU devices a call now and then takes up
-    to 1.5x the others (benchmarks/README.md), so the records give both."""
+    """(result, best run seconds of ``repeats`` calls after a first one, compile seconds = first - best,
+    median run seconds): on two CPU devices a call now and then takes up to 1.5x the others
+    (benchmarks/README.md), so the records give best and median."""
     t0 = time.perf_counter()
     fn()  # compiles
     first = time.perf_counter() - t0
@@ -69,8 +67,7 @@ def _timed(fn, repeats: int = 5):
         t0 = time.perf_counter()
         out = fn()
         runs.append(time.perf_counter() - t0)
-    MEDIANS[id(fn)] = float(np.median(runs))
-    return out, min(runs), max(0.0, first - min(runs))
+    return out, min(runs), max(0.0, first - min(runs)), float(np.median(runs))
 
 
 def _max_rel(got, want) -> float:
@@ -86,8 +83,7 @@ def through_simulate(model, regimen, n, engines, keep=None):
         def run(engine=engine):
             return ck.simulate(model, regimen, TIMES, n_subjects=n, seed=2, engine=engine, progress=False)
 
-        ds, run_s, compile_s = _timed(run)
-        median_s = MEDIANS[id(run)]
+        ds, run_s, compile_s, median_s = _timed(run)
         err = max(_max_rel(ds[o.name].values[:ACCURACY_SUBJECTS], ref[o.name].values) for o in model.observables)
         if keep is not None:
             keep[engine] = ds
@@ -177,7 +173,7 @@ def mixed_doses(n):
     device = jax.devices()[0]
     args = [jax.device_put(a, device) for a in (TIMES, dose_t, cells, theta, cov)]
 
-    # compiled as simulate compiles the lanes' loop (carkin.simulation.ensemble.compiler_options)
+    # with the options simulate compiles the lanes' loop with (carkin.simulation.ensemble.compiler_options)
     ensemble = jax.jit(lambda *a: solve_ensemble(model, *a, lanes=DEFAULT_LANES), compiler_options=compiler_options())
     names, cnames = model.parameter_names, [c.name for c in model.covariates]
 
@@ -196,27 +192,23 @@ def mixed_doses(n):
     def run_ensemble():
         return [np.asarray(x) for x in ensemble(*args)]
 
-    def run_vmap_options():
-        return run_vmap(vmapped_options)
-
     rows = {}
-    (ys_e, ok_e, st_e), t_e, c_e = _timed(run_ensemble)
-    (ys_v, ok_v, st_v), t_v, c_v = _timed(run_vmap)
-    (ys_o, ok_o, st_o), t_o, c_o = _timed(run_vmap_options)
-    medians = {"ensemble": MEDIANS[id(run_ensemble)], "diffrax": MEDIANS[id(run_vmap)],
-               "diffrax_with_ensemble_options": MEDIANS[id(run_vmap_options)]}
+    (ys_e, ok_e, st_e), t_e, c_e, m_e = _timed(run_ensemble)
+    (ys_v, ok_v, st_v), t_v, c_v, m_v = _timed(run_vmap)
+    (ys_o, ok_o, st_o), t_o, c_o, m_o = _timed(lambda: run_vmap(vmapped_options))
     tight = jax.jit(jax.vmap(lambda *a: solve_subject(model, a[0], a[1], a[2], dict(zip(names, a[3])),
                                                       dict(zip(cnames, a[4])), rtol=1e-10, atol=1e-12),
                              in_axes=(None, 0, 0, 0, 0)))
     k = ACCURACY_SUBJECTS
     ref = np.asarray(tight(args[0], *(a[:k] for a in args[1:]))[0])
-    for name, ys, ok, st, t, c in (("ensemble", ys_e, ok_e, st_e, t_e, c_e), ("diffrax", ys_v, ok_v, st_v, t_v, c_v),
-                                   ("diffrax_with_ensemble_options", ys_o, ok_o, st_o, t_o, c_o)):
-        rows[name] = {"subjects_per_s": n / t, "run_s": t, "median_run_s": medians[name],
-                      "subjects_per_s_median": n / medians[name], "compile_s": c, "mean_steps": float(np.mean(st)),
+    for name, ys, ok, st, t, c, med in (("ensemble", ys_e, ok_e, st_e, t_e, c_e, m_e),
+                                        ("diffrax", ys_v, ok_v, st_v, t_v, c_v, m_v),
+                                        ("diffrax_with_ensemble_options", ys_o, ok_o, st_o, t_o, c_o, m_o)):
+        rows[name] = {"subjects_per_s": n / t, "run_s": t, "median_run_s": med,
+                      "subjects_per_s_median": n / med, "compile_s": c, "mean_steps": float(np.mean(st)),
                       "max_steps": int(np.max(st)), "failed": int((~ok).sum()),
                       "max_rel_error_vs_rtol1e-10": _max_rel(ys[:k], ref)}
-        print(f"  mixed doses {name:29s} {n / t:12,.0f} subjects/s (median {n / medians[name]:,.0f})  "
+        print(f"  mixed doses {name:29s} {n / t:12,.0f} subjects/s (median {n / med:,.0f})  "
               f"run {t:6.2f} s  compile {c:5.1f} s  "
               f"steps mean {np.mean(st):.0f} max {np.max(st)}  max rel error (states) "
               f"{rows[name]['max_rel_error_vs_rtol1e-10']:.1e}")
@@ -233,7 +225,7 @@ def lane_counts(n, counts=(64, 96, 128, 136, 192, 256)):
     for lanes in counts:
         solve = jax.jit(lambda *a, lanes=lanes: solve_ensemble(model, *a, lanes=lanes),
                         compiler_options=compiler_options())
-        _, t, c = _timed(lambda f=solve: jax.block_until_ready(f(*args)), repeats=3)
+        _, t, c, _ = _timed(lambda f=solve: jax.block_until_ready(f(*args)), repeats=3)
         rows[str(lanes)] = {"subjects_per_s": n / t, "run_s": t, "compile_s": c}
         print(f"  {lanes:4d} lanes {n / t:12,.0f} subjects/s  run {t:6.3f} s"
               f"{'  (default)' if lanes == DEFAULT_LANES else ''}")
