@@ -3,6 +3,8 @@ on every library model, several regimens and the protocols' dose range, compiled
 (as in fits) and as simulate compiles it; its results do not depend on which lane a subject runs on,
 the chunking or the device count."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -25,13 +27,29 @@ ODE_MODELS = ["cd7_cart", "cd7_carnk", "cd19_cart", "stein_2019"]
 REGIMENS = [ck.single(1e5, day=0.0), ck.split(1e7), ck.custom([0.0, 14.0], [5e8, 5e8], label="1e9 two doses")]
 
 
-def _subjects(model, n, seed):
-    """A virtual population's parameters and covariates, drawn by simulate (the ODE-free closed form
-    is not asked for: only the draws are used)."""
-    ds = ck.simulate(model, ck.single(1e6), [0.0], n_subjects=n, seed=seed, engine="diffrax", progress=False)
-    theta = np.stack([ds[p].values for p in model.parameter_names], 1)
-    cov = np.stack([ds[c.name].values for c in model.covariates], 1)
-    return theta, cov, ds[model.role("weight")].values
+@functools.cache
+def _reference(name):
+    """Tight diffrax solves of six virtual subjects of a library model on every regimen: the reference the
+    ensemble must agree with, and (being simulate's own draws) the subjects every other test solves."""
+    return ck.simulate(ck.load_model(name), REGIMENS, TIMES, n_subjects=6, seed=7, engine="diffrax",
+                       include_states=True, progress=False, **TIGHT)
+
+
+def _subjects(name, n):
+    """Parameters, covariates and weights of n subjects: the reference's six, repeated as often as needed."""
+    model, reference = ck.load_model(name), _reference(name)
+    pick = np.arange(n) % reference.sizes["subject"]
+    theta = np.stack([reference[p].values for p in model.parameter_names], 1)[pick]
+    cov = np.stack([reference[c.name].values for c in model.covariates], 1)[pick]
+    return theta, cov, reference[model.role("weight")].values[pick]
+
+
+def _cells(regimen, weight, n_distinct=6):
+    """Dose times and CAR cells of ``regimen`` per kg times each subject's weight, halved for each
+    repeat of the reference's subjects so that no two subjects of a crowd are the same."""
+    dose_t, per_kg = dosing.dose_table(regimen, np.ones(weight.size), 3)
+    repeat = np.arange(weight.size) // n_distinct
+    return dose_t, per_kg * (weight * 0.5**repeat)[:, None]
 
 
 def _relative(got, want):
@@ -50,28 +68,31 @@ def _as_simulate_compiles(model, **options):
 
 def _check_against_diffrax(name, n=6, lanes=8):
     model = ck.load_model(name)
-    reference = ck.simulate(model, REGIMENS, TIMES, n_subjects=n, seed=7, engine="diffrax", include_states=True,
-                            progress=False, **TIGHT)
-    theta, cov, weight = _subjects(model, 4 * n, 7)  # the first n are the reference's subjects
+    reference = _reference(name)
+    theta, cov, weight = _subjects(name, 4 * n)  # the first n are the reference's subjects
+    # XLA's default compile (as fits have) on n subjects (a lane each) and on 4n (lanes refill)
     _check_solve(model, reference, theta, cov, weight, n, jax.jit(lambda *a: solve_ensemble(model, *a, lanes=lanes,
                                                                                             **TIGHT)))
-    _check_solve(model, reference, theta, cov, weight, n, _as_simulate_compiles(model, lanes=lanes, **TIGHT))
+    # as simulate compiles it, on the 4n alone: where a subject runs is checked above
+    _check_solve(model, reference, theta, cov, weight, n, _as_simulate_compiles(model, lanes=lanes, **TIGHT),
+                 alone=False)
 
 
-def _check_solve(model, reference, theta, cov, weight, n, solve):
+def _check_solve(model, reference, theta, cov, weight, n, solve, alone=True):
     name = model.name
     for r, regimen in enumerate(REGIMENS):
-        dose_t, per_kg = dosing.dose_table(regimen, np.ones(4 * n), 3)
-        cells = per_kg * weight[:, None]
+        dose_t, cells = _cells(regimen, weight, n)
         want = np.stack([reference[f"state_{s.name}"].values[r] for s in model.states], -1)
         # n subjects on 8 lanes: no refill; 4n subjects on 8 lanes: each lane takes several in turn
-        alone = [np.asarray(x) for x in solve(TIMES, dose_t[:n], cells[:n], theta[:n], cov[:n])]
         crowd = [np.asarray(x) for x in solve(TIMES, dose_t, cells, theta, cov)]
-        for ys, ok, steps in (alone, crowd):
+        runs = [crowd]
+        if alone:
+            runs.append([np.asarray(x) for x in solve(TIMES, dose_t[:n], cells[:n], theta[:n], cov[:n])])
+        for ys, ok, steps in runs:
             assert ok.all() and (steps > 0).all(), (name, regimen.label)
             assert _relative(ys[:n], want) < AGREEMENT, (name, regimen.label)
-        for a, b in zip(alone, crowd):
-            np.testing.assert_array_equal(a, b[:n])  # which lane a subject runs on, and when, changes nothing
+        for a, b in zip(runs[-1], crowd):
+            np.testing.assert_array_equal(a[:n], b[:n])  # which lane a subject runs on, and when, changes nothing
 
 
 def test_cd7_cart_agrees_with_diffrax():
@@ -86,24 +107,24 @@ def test_every_library_model_agrees_with_diffrax(name):
 
 def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and_devices():
     model = ck.load_model("cd7_cart")
-    kw = dict(times=TIMES, n_subjects=80, seed=3, progress=False)
-    whole = ck.simulate(model, ck.split(1e7), **kw)
+    kw = dict(times=TIMES, n_subjects=80, seed=3, include_states=True, progress=False)
+    whole = ck.simulate(model, ck.split(1e7), **kw)  # 1 chunk on 2 devices
     assert whole.attrs["engine"] == "ensemble" and not whole["failed"].any()
     # The solve itself is bit-identical whatever the chunking and device count (every subject goes
     # through the same fixed-width lanes); observables computed from the states over a chunk may round
     # the last bit differently, as the README says of the default layout.
-    pieces = ck.simulate(model, ck.split(1e7), chunk_size=16, include_states=True, **kw)  # 5 chunks, 1 device
-    states = ck.simulate(model, ck.split(1e7), include_states=True, **kw)  # 1 chunk on 2 devices
+    pieces = ck.simulate(model, ck.split(1e7), chunk_size=16, **kw)  # 5 chunks, 1 device
     for s in model.states:
-        np.testing.assert_array_equal(states[f"state_{s.name}"].values, pieces[f"state_{s.name}"].values)
+        np.testing.assert_array_equal(whole[f"state_{s.name}"].values, pieces[f"state_{s.name}"].values)
     np.testing.assert_array_equal(whole["n_steps"].values, pieces["n_steps"].values)
     for name in [o.name for o in model.observables]:
         np.testing.assert_allclose(whole[name].values, pieces[name].values, rtol=1e-12, atol=0, err_msg=name)
-    first = ck.simulate(model, ck.split(1e7), include_states=True, **{**kw, "n_subjects": 30})
-    rest = ck.simulate(model, ck.split(1e7), first_subject=30, include_states=True, **{**kw, "n_subjects": 50})
+    # a population in two calls (the second from subject 30 on, chunked as above) is the same population
+    first = ck.simulate(model, ck.split(1e7), chunk_size=16, **{**kw, "n_subjects": 30})
+    rest = ck.simulate(model, ck.split(1e7), chunk_size=16, first_subject=30, **{**kw, "n_subjects": 50})
     np.testing.assert_array_equal(np.concatenate([first["state_B"].values, rest["state_B"].values]),
-                                  states["state_B"].values)
-    diffrax = ck.simulate(model, ck.split(1e7), engine="diffrax", **kw)
+                                  whole["state_B"].values)
+    diffrax = ck.simulate(model, ck.split(1e7), engine="diffrax", **{**kw, "include_states": False})
     np.testing.assert_array_equal(whole["rho"].values, diffrax["rho"].values)  # the same virtual subjects
     # at the model's own tolerances both engines are close to each other (and to a tight solve)
     for name in ("car_copies", "cd7_cells", "blasts"):
@@ -112,10 +133,9 @@ def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and
 
 def test_a_failed_subject_is_flagged_not_returned_as_numbers():
     model = ck.load_model("cd7_cart")
-    theta, cov, weight = _subjects(model, 4, 1)
-    dose_t, per_kg = dosing.dose_table(ck.single(1e7), np.ones(4), 1)
+    theta, cov, weight = _subjects("cd7_cart", 4)
     ys, ok, _ = jax.jit(lambda *a: solve_ensemble(model, *a, max_steps=5, lanes=2))(
-        TIMES, dose_t, per_kg * weight[:, None], theta, cov)
+        TIMES, *_cells(ck.single(1e7), weight), theta, cov)
     assert not np.asarray(ok).any()  # five steps per segment cannot reach day 90
 
 
@@ -123,19 +143,22 @@ def test_derivatives_are_carried_for_the_free_parameters_alone():
     """free=...: the same values, the same derivative for a free parameter as when every parameter carries
     one (and as a central difference of tight solves), and none for a held one."""
     model = ck.load_model("cd7_cart")
-    theta, cov, weight = _subjects(model, 4, 2)
-    dose_t, per_kg = dosing.dose_table(ck.split(1e7), np.ones(4), 3)
-    cells = per_kg * weight[:, None]
+    theta, cov, weight = _subjects("cd7_cart", 4)
+    dose_t, cells = _cells(ck.split(1e7), weight)
     names = model.parameter_names
     rho, k_kill, d_m = names.index("rho"), names.index("k_kill"), names.index("d_m")
 
     def states(th, free):
         return solve_ensemble(model, TIMES, dose_t, cells, th, cov, lanes=8, free=free, **TIGHT)[0]
 
+    @functools.partial(jax.jit, static_argnums=2)
+    def jvp(th, tangent, free):
+        return jax.jvp(lambda x: states(x, free), (th,), (tangent,))
+
     def derivative(k, free):
         tangent = np.zeros_like(theta)
         tangent[:, k] = theta[:, k]  # d/d log(parameter)
-        return jax.jit(lambda th: jax.jvp(lambda x: states(x, free), (th,), (tangent,)))(theta)
+        return jvp(theta, tangent, free)
 
     value_free, d_free = (np.asarray(a) for a in derivative(rho, (rho, k_kill)))
     value_all, d_all = (np.asarray(a) for a in derivative(rho, None))
@@ -158,7 +181,7 @@ def test_repeated_output_times_before_a_later_dose_are_written(saves_per_step):
     inside the solve. They get the state at that time (not a stalled solve that runs out of steps),
     equal to the solve on the grid without repeats."""
     model = ck.load_model("cd7_cart")
-    theta, cov, weight = _subjects(model, 2, 3)
+    theta, cov, weight = _subjects("cd7_cart", 2)
     dose_t = np.array([[0.0, 5.0], [0.0, 5.0]])
     cells = np.array([[1e7, 1e7], [1e7, 1e7]]) * weight[:, None]
     repeated = np.array([0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
@@ -177,9 +200,8 @@ def test_a_lane_per_subject_without_refill_agrees_with_the_refilling_loop():
     refilling solve here is the one test_cd7_cart_agrees_with_diffrax compiles: the cache serves it.)"""
     n = 6
     model = ck.load_model("cd7_cart")
-    theta, cov, weight = _subjects(model, 4 * n, 7)
-    dose_t, per_kg = dosing.dose_table(REGIMENS[1], np.ones(4 * n), 3)
-    args = (TIMES, dose_t[:n], (per_kg * weight[:, None])[:n], theta[:n], cov[:n])
+    theta, cov, weight = _subjects("cd7_cart", n)
+    args = (TIMES, *_cells(REGIMENS[1], weight), theta, cov)
     plain, ok, steps = (np.asarray(x) for x in jax.jit(
         lambda *a: solve_ensemble(model, *a, lanes=8, **TIGHT))(*args))
     idle, ok_idle, steps_idle = (np.asarray(x) for x in jax.jit(
@@ -197,9 +219,8 @@ def test_idle_lanes_take_waiting_subjects_in_batches_and_change_nothing():
     to a solve that gives every subject a lane at once (XLA's default compile, as a fit has)."""
     n = 24
     model = ck.load_model("cd7_cart")
-    theta, cov, weight = _subjects(model, n, 7)
-    dose_t, per_kg = dosing.dose_table(REGIMENS[1], np.ones(n), 3)
-    args = (TIMES, dose_t, per_kg * weight[:, None], theta, cov)
+    theta, cov, weight = _subjects("cd7_cart", n)
+    args = (TIMES, *_cells(REGIMENS[1], weight), theta, cov)
     assert REFILL_BATCH == 8
     batched = [np.asarray(x) for x in jax.jit(lambda *a: solve_ensemble(model, *a, lanes=16))(*args)]
     at_once = [np.asarray(x) for x in jax.jit(lambda *a: solve_ensemble(model, *a, lanes=32))(*args)]
