@@ -107,7 +107,7 @@ def test_every_library_model_agrees_with_diffrax(name):
 
 def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and_devices():
     model = ck.load_model("cd7_cart")
-    kw = dict(times=TIMES, n_subjects=80, seed=3, include_states=True, progress=False)
+    kw = dict(times=TIMES, n_subjects=80, seed=7, include_states=True, progress=False)
     whole = ck.simulate(model, ck.split(1e7), **kw)  # 1 chunk on 2 devices
     assert whole.attrs["engine"] == "ensemble" and not whole["failed"].any()
     # The solve itself is bit-identical whatever the chunking and device count (every subject goes
@@ -124,11 +124,15 @@ def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and
     rest = ck.simulate(model, ck.split(1e7), chunk_size=16, first_subject=30, **{**kw, "n_subjects": 50})
     np.testing.assert_array_equal(np.concatenate([first["state_B"].values, rest["state_B"].values]),
                                   whole["state_B"].values)
-    diffrax = ck.simulate(model, ck.split(1e7), engine="diffrax", **{**kw, "include_states": False})
-    np.testing.assert_array_equal(whole["rho"].values, diffrax["rho"].values)  # the same virtual subjects
-    # at the model's own tolerances both engines are close to each other (and to a tight solve)
+    # the first subjects are the diffrax reference's (the engine does not change who is drawn), and at the
+    # model's own tolerances their observables are close to that tight solve
+    reference = _reference("cd7_cart")
+    first_six = slice(0, reference.sizes["subject"])
+    assert REGIMENS[1].label == ck.split(1e7).label
+    for p in model.parameter_names:
+        np.testing.assert_array_equal(whole[p].values[first_six], reference[p].values, err_msg=p)
     for name in ("car_copies", "cd7_cells", "blasts"):
-        assert _relative(whole[name].values, diffrax[name].values) < 1e-2, name
+        assert _relative(whole[name].values[first_six], reference[name].values[1]) < 1e-2, name
 
 
 def test_a_failed_subject_is_flagged_not_returned_as_numbers():
