@@ -59,8 +59,8 @@ def small(tmp_path):
     return ck.read_dataset(write(tmp_path, STEIN_CSV, sidecar='[dataset]\namt_unit = "cells/kg"\n'))
 
 
-def scipy_log_density(values: dict, z: np.ndarray, model, data) -> float:
-    """The hierarchical log density written out with scipy.stats and the paper's closed form."""
+def scipy_log_prior(values: dict, model) -> float:
+    """The default priors of the Stein population parameters written out with scipy.stats."""
     typ = model.typical
     total = 0.0
     for p in model.parameters:
@@ -72,8 +72,13 @@ def scipy_log_density(values: dict, z: np.ndarray, model, data) -> float:
             total += st.norm.logpdf(logit, math.log(typ[p.name]) - math.log1p(-typ[p.name]), 1.0)
             total -= math.log(v) + math.log1p(-v)
         total += st.halfnorm.logpdf(values[f"omega_{p.name}"], scale=2 * p.omega)
+    return total + st.halfnorm.logpdf(values["sigma_car_copies"], scale=1.0)
+
+
+def scipy_log_density(values: dict, z: np.ndarray, model, data) -> float:
+    """The hierarchical log density written out with scipy.stats and the paper's closed form."""
+    total = scipy_log_prior(values, model)
     sigma = values["sigma_car_copies"]
-    total += st.halfnorm.logpdf(sigma, scale=1.0)
     total += st.norm.logpdf(z).sum()
     for s in range(data.n_subjects):
         ind = {}
@@ -357,6 +362,12 @@ def test_datatree_groups_names_dims_units(svi_fit, tmp_path):
     units = {o.name: o.unit for o in ck.load_model("stein_2019").observables}
     assert tree["observed_data"]["car_copies"].attrs["units"] == units["car_copies"] == "copies/µg gDNA"
     assert int(tree["observed_data"]["car_copies_blq"].sum()) == int(data.obs_blq.sum())
+    # the joint log prior of each draw (what prior-sensitivity checks scale)
+    stein = ck.load_model("stein_2019")
+    for draw in (0, 17, 39):
+        values = {name: float(post[name].values[0, draw]) for name in post.data_vars if post[name].ndim == 2}
+        assert float(tree["log_prior"]["lprior"].values[0, draw]) == pytest.approx(scipy_log_prior(values, stein),
+                                                                                  rel=1e-10)
     assert tree["constant_data"]["dose_cells"].dims == ("subject", "dose")
     for group in tree.children.values():
         for name, var in group.to_dataset().data_vars.items():
