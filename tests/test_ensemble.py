@@ -240,3 +240,20 @@ def test_an_xla_without_the_compiler_options_compiles_with_its_defaults(monkeypa
     unknown = ensemble.CPU_COMPILER_OPTIONS + (("xla_cpu_no_such_option_in_any_release", True),)
     monkeypatch.setattr(ensemble, "CPU_COMPILER_OPTIONS", unknown)
     assert ensemble.compiler_options() is None
+
+
+def test_a_dense_output_grid_does_not_exhaust_the_step_budget():
+    """A step covers at most SAVES_PER_STEP output times, so a dense grid forces steps of its own; they
+    count on top of max_steps per segment. 4,500 times over 90 days force some 1,125 steps, more than
+    the 4 x 250 of the segments: the solve still succeeds and equals the reference at its times."""
+    model = ck.load_model("cd7_cart")
+    theta, cov, weight = _subjects("cd7_cart", 2)
+    dense = np.union1d(TIMES, np.linspace(0.0, 90.0, 4501))
+    on_reference = np.flatnonzero(np.isin(dense, TIMES))
+    assert on_reference.size == TIMES.size
+    ys, ok, steps = (np.asarray(x) for x in jax.jit(lambda *a: solve_ensemble(model, *a, max_steps=250, lanes=8,
+                                                                              **TIGHT))(
+        dense, *_cells(REGIMENS[0], weight), theta, cov))
+    assert ok.all() and (steps > 4 * 250).all()
+    want = np.stack([_reference("cd7_cart")[f"state_{s.name}"].values[0, :2] for s in model.states], -1)
+    assert _relative(ys[:, on_reference], want) < AGREEMENT

@@ -81,7 +81,8 @@ def solve_ensemble(model: Model, times, dose_times, dose_cells, theta, cov_value
     (N, P) in ``model.parameter_names`` order and ``cov_values`` (N, C) in ``model.covariates``
     order. Returns ``(ys, ok, n_steps)`` with ``ys`` (N, T, n_states); ``ok`` is False where a
     subject exceeded its step budget (``max_steps`` per segment between events, as diffrax
-    counts) or its state stopped being finite. ``n_active`` (may be traced): only the first
+    counts, plus the steps its output times force: T / ``saves_per_step``) or its state stopped
+    being finite. ``n_active`` (may be traced): only the first
     ``n_active`` subjects are solved (the rest are padding, returned unsolved with ``ok`` False).
     ``free`` (indices into ``theta``'s columns, None for all): the only parameters derivatives are
     taken with respect to; the others are held constant (no derivative flows to them), so forward
@@ -157,7 +158,9 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
     n_events = ev_t.shape[1]
     t_first = ev_t[:, 0]
     t_end = jnp.maximum(times[:, -1], ev_t[:, -1])
-    step_budget = max_steps * (n_events + 1)
+    # max_steps per segment between events (as diffrax), plus the steps the output times force: a step
+    # covers at most saves_per_step of them, so a dense grid needs n_times / saves_per_step steps at least
+    step_budget = max_steps * (n_events + 1) + -(-n_times // saves_per_step)
     pre = times < t_first[:, None]
     out0 = jnp.where(pre[..., None], base[:, None, :], jnp.nan)
 
