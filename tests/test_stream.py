@@ -30,3 +30,17 @@ def test_first_subject_offsets_indices():
     b = ck.simulate(model, ck.single(1e6), times=[0, 10], n_subjects=4, seed=1, first_subject=6)
     np.testing.assert_array_equal(b["tmax"].values, a["tmax"].values[6:])
     assert list(b["subject"].values) == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(n_subjects=2.5), "n_subjects=2.5: the population's size must be a whole number"),
+    (dict(block_size=0), "block_size=0"),
+    (dict(first_subject=-1), "first_subject=-1"),
+    (dict(first_subject="a"), "first_subject='a'"),
+])
+def test_stream_refuses_bad_counts_before_writing(tmp_path, kwargs, words):
+    arguments = {"n_subjects": 10, **kwargs}
+    with pytest.raises(ck.CarkinError, match=words):
+        simulate_to_netcdf(ck.load_model("stein_2019"), ck.single(1e6), tmp_path / "pop.nc", times=[0, 1],
+                           progress=False, **arguments)
+    assert not (tmp_path / "pop.nc").exists()

@@ -141,12 +141,28 @@ def test_protocol_mistakes_are_refused_when_read(tmp_path, source, old, new, wor
     (dict(times=[0, 1e308]), "times must lie in"),
     (dict(n_subjects=10**12), "GB of memory"),
     (dict(n_subjects=2.5), "whole number"),
+    (dict(times=[[0, 1], [2, 3]]), "one list of days"),
+    (dict(times=["a"]), "give days as numbers"),
+    (dict(chunk_size=0), "chunk_size=0: subjects per compiled call"),
+    (dict(chunk_size=2.5), "chunk_size=2.5"),
+    (dict(chunk_size="4"), "chunk_size='4'"),
+    (dict(chunk_size=True), "chunk_size=True"),
+    (dict(n_subjects=4, first_subject=-3), "first_subject=-3"),
+    (dict(n_subjects=4, first_subject=1.5), "first_subject=1.5"),
+    (dict(n_subjects=4, first_subject=None), "first_subject=None"),
+    # subjects' indices are folded into the key as 32-bit integers: beyond that they would repeat others
+    (dict(n_subjects=4, first_subject=2**32 - 3), "whole number in [0, 4,294,967,292]"),
 ])
 def test_simulate_refuses_before_any_work(kwargs, words):
     model = ck.load_model("stein_2019")
     with pytest.raises(ValueError) as e:
         ck.simulate(model, ck.single(1e6), **{"times": [0, 1], **kwargs})
     assert words in str(e.value), str(e.value)
+
+
+def test_a_regimen_must_be_made_with_the_regimen_functions():
+    with pytest.raises(TypeError, match=r"carkin.single\(1e7\) for 1e7 cells/kg\), got 10000000.0"):
+        ck.simulate(ck.load_model("stein_2019"), 1e7, [0, 1])
 
 
 def test_implausible_doses_are_refused():

@@ -42,3 +42,13 @@ def check_seed(seed) -> int:
         raise InputError(f"seed={seed} is outside [0, {MAX_SEED}] (a signed 64-bit integer, what the random "
                          "generators take); give a smaller non-negative seed")
     return seed
+
+
+def check_whole(name: str, value, lowest: int, highest: int, meaning: str) -> int:
+    """``value`` as an int when it is a whole number in [lowest, highest] (not a bool); ``meaning`` says
+    what the argument is for, in the message."""
+    whole = not isinstance(value, bool | str) and (
+        hasattr(value, "__index__") or isinstance(value, float) and value.is_integer())
+    if not whole or not lowest <= int(value) <= highest:
+        raise InputError(f"{name}={value!r}: {meaning} must be a whole number in [{lowest:,}, {highest:,}]")
+    return int(value)

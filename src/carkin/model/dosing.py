@@ -116,11 +116,14 @@ def as_regimens(regimen_or_list) -> tuple[list[Regimen], bool]:
     """Normalise the user's argument; the flag says whether a list was given."""
     if isinstance(regimen_or_list, Regimen):
         return [regimen_or_list], False
-    regs = list(regimen_or_list)
+    try:
+        regs = [] if isinstance(regimen_or_list, str | bytes) else list(regimen_or_list)
+    except TypeError:  # a number or another single object
+        regs = []
     if not regs or not all(isinstance(r, Regimen) for r in regs):
         raise InputTypeError(
             "expected a Regimen or a list of Regimens (make them with carkin.single, carkin.split "
-            "or carkin.custom)"
+            f"or carkin.custom, e.g. carkin.single(1e7) for 1e7 cells/kg), got {regimen_or_list!r}"
         )
     labels = [r.label for r in regs]
     if len(set(labels)) != len(labels):

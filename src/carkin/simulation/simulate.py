@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from carkin.errors import InputError, InputTypeError
-from carkin.guards import check_memory, check_seed
+from carkin.guards import check_memory, check_seed, check_whole
 from carkin.model import dosing, population
 from carkin.model.kinetics import Model
 from carkin.simulation.ensemble import DEFAULT_LANES as ENSEMBLE_LANES
@@ -45,6 +45,7 @@ ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a lar
 # 0.36 s, 2^18 0.45 s, 2^20 1.39 s; benchmarks/README.md). A chunk there is many lanes' worth of subjects.
 GPU_LANES = 1 << 16
 GPU_CHUNK = 1 << 20
+MAX_CHUNK = 1 << 24  # a chunk_size the user gives: beyond this one call's arrays outgrow any device
 ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 # compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
@@ -82,7 +83,14 @@ def parse_times(times) -> np.ndarray:
                 "(e.g. 0,1,4,7,14,28)"
             ) from None
     else:
-        grid = np.atleast_1d(np.asarray(times, dtype=float))
+        try:
+            grid = np.atleast_1d(np.asarray(times, dtype=float))
+        except (TypeError, ValueError):
+            raise InputError(f"cannot read times {times!r}: give days as numbers (e.g. [0, 1, 4, 7]) or a string "
+                             "such as '0:90:1'") from None
+        if grid.ndim != 1:
+            raise InputError(f"times must be one list of days shared by every subject, got an array of shape "
+                             f"{grid.shape}")
     if grid.size == 0 or not np.all(np.isfinite(grid)):
         raise InputError(f"times must be a non-empty list of finite days, got {times!r}")
     if np.any(np.diff(grid) <= 0):
@@ -333,6 +341,11 @@ def simulate(
                  f"simulating {n:,} subjects x {len(regimens)} regimen(s) x {grid.size:,} times",
                  "simulate fewer subjects or times, or stream the population to disk with "
                  "carkin.stream.simulate_to_netcdf")
+    if chunk_size is not None:
+        chunk_size = check_whole("chunk_size", chunk_size, 1, MAX_CHUNK, "subjects per compiled call (None: chosen "
+                                 "for the machine)")
+    # a subject's draws come from its index folded into the key as a 32-bit integer
+    first_subject = check_whole("first_subject", first_subject, 0, 2**32 - n, f"the first of {n:,} subjects' index")
 
     covariates = dict(covariates or {})
     if weight_kg is not None:

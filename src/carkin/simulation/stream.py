@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from carkin.errors import InputError
+from carkin.guards import check_whole
 from carkin.model.kinetics import Model
 from carkin.outputs import Outputs
 from carkin.simulation.simulate import parse_times, simulate
@@ -51,10 +52,11 @@ def simulate_to_netcdf(model: Model, regimen, path, n_subjects: int, *, times="0
     """
     import h5netcdf
 
-    n_subjects, block_size = int(n_subjects), int(block_size)
-    if n_subjects < 1 or block_size < 1 or first_subject < 0:
-        raise InputError(f"n_subjects and block_size must be >= 1 and first_subject >= 0, got {n_subjects}, "
-                         f"{block_size} and {first_subject}")
+    n_subjects = check_whole("n_subjects", n_subjects, 1, 2**32, "the population's size")
+    block_size = check_whole("block_size", block_size, 1, 2**32, "subjects per block written")
+    # a subject's draws come from its index folded into the key as a 32-bit integer
+    first_subject = check_whole("first_subject", first_subject, 0, 2**32 - n_subjects,
+                                f"the first of {n_subjects:,} subjects' index")
     for group in ("covariates", "params"):
         for name, value in (simulate_options.get(group) or {}).items():
             if np.ndim(value):
