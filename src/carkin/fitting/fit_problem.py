@@ -158,8 +158,9 @@ class FitProblem:
     @functools.cached_property
     def _data_term(self):
         """(log-likelihood of the data, all-solves-ok) from the sampled sites, compiled as one program.
-        Inside a sampler's compiled step it is inlined; NumPyro's set-up runs the model op by op
-        (hundreds of tiny compiles, some 10 s a fit on two cores), and this makes that one compile."""
+        Inside a sampler's compiled step it is inlined; NumPyro's set-up runs the model op by op, where
+        this is one compile instead of hundreds of tiny ones (measured: the start of a cd7_cart NUTS fit
+        24.8 -> 16.3 s on one core, an SVI fit of six Stein subjects 21.2 -> 16.2 s on two)."""
 
         def term(params, obs):
             theta = self.individual(params)
