@@ -73,7 +73,7 @@ def _check_against_diffrax(name, n=6, lanes=8):
     # XLA's default compile (as fits have) on n subjects (a lane each) and on 4n (lanes refill)
     _check_solve(model, reference, theta, cov, weight, n, jax.jit(lambda *a: solve_ensemble(model, *a, lanes=lanes,
                                                                                             **TIGHT)))
-    # as simulate compiles it, on the 4n alone: where a subject runs is checked above
+    # as simulate compiles it, on the 4n subjects only (that a subject's lane changes nothing is checked above)
     _check_solve(model, reference, theta, cov, weight, n, _as_simulate_compiles(model, lanes=lanes, **TIGHT),
                  alone=False)
 
