@@ -46,7 +46,9 @@ ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a lar
 GPU_LANES = 1 << 16
 GPU_CHUNK = 1 << 20
 MAX_CHUNK = 1 << 24  # a chunk_size the user gives: beyond this one call's arrays outgrow any device
-ENGINES = ("auto", "closed-form", "ensemble", "diffrax")
+# "fused": the ensemble method as one GPU kernel (carkin.simulation.fused); opt-in until measured on a GPU
+ENGINES = ("auto", "closed-form", "ensemble", "fused", "diffrax")
+LANE_ENGINES = ("ensemble", "fused")  # engines that solve on lanes with refill (chunks of many lanes' worth)
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
 # compiled chunk solvers kept (one per model, tolerance and device layout); the oldest is dropped past this
 SOLVER_CACHE_SIZE = 16
@@ -146,8 +148,11 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
 
     def solved(prepared, theta, cov_v, index, times, end):
         # subjects with index >= end pad the last chunk: they come last on each device and are skipped
-        ys, ok, steps = integrate_ensemble(model, prepared, times, theta, cov_v, rtol=rtol, atol=atol, lanes=lanes,
-                                           n_active=jnp.sum(index < end))
+        solve = integrate_ensemble
+        if engine == "fused":
+            from carkin.simulation.fused import integrate_fused as solve  # Pallas is imported only when used
+        ys, ok, steps = solve(model, prepared, times, theta, cov_v, rtol=rtol, atol=atol, lanes=lanes,
+                              n_active=jnp.sum(index < end))
         obs = observe_subjects(model, ys, theta, cov_v)
         ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
@@ -168,7 +173,7 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         return obs, ys if states else ys[:, :0], ok & finite, steps, theta, cov_v
 
     in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None, None)
-    if engine != "ensemble":
+    if engine not in LANE_ENGINES:
         return _compiled(jax.vmap(one, in_axes=in_axes), in_axes, n_devices)
     # Two programs: the draw and each subject's events and initial states compiled as XLA does by default,
     # then the lanes' loop and the observables with the ensemble's compiler options. The loop's compile
@@ -319,8 +324,9 @@ def simulate(
     the model's residual error, NaN below the LLOQ, and ``<name>_blq``; see carkin.measure).
     ``engine``: ``"auto"`` evaluates the model's closed form where it has one (stein_2019) and
     integrates with the ensemble solver otherwise (carkin.simulation.ensemble); ``"closed-form"``,
-    ``"ensemble"`` or ``"diffrax"`` (the vmapped diffrax solve, the reference) choose (the closed
-    form gives no states). The Dataset's ``engine`` attribute says which ran.
+    ``"ensemble"``, ``"fused"`` (the ensemble's method as one GPU kernel, carkin.simulation.fused; on a
+    CPU it runs interpreted, for checking only) or ``"diffrax"`` (the vmapped diffrax solve, the
+    reference) choose (the closed form gives no states). The Dataset's ``engine`` attribute says which ran.
     """
     if not isinstance(model, Model):
         raise InputTypeError(f"model must be a carkin model (see carkin.load_model), got {type(model).__name__}")
@@ -383,10 +389,11 @@ def simulate(
             par_given[:, j], par_mask[j] = v, True
 
     lanes, ensemble_chunk = ensemble_sizes()
-    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk}.get(engine, DEFAULT_CHUNK)
+    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk, "fused": ensemble_chunk}.get(
+        engine, DEFAULT_CHUNK)
     # the closed form and the ensemble (which skips padding subjects in its loop) pay little for a shape
     # more, and drawing, preparing and observing padding cost the ensemble a fifth of a call (benchmarks/README.md)
-    chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine in ("closed-form", "ensemble"))
+    chunk, n_dev = _layout(n, chunk_size, per_call, balanced=engine in ("closed-form", *LANE_ENGINES))
     if lanes > ENSEMBLE_LANES:  # a GPU's lanes: no more than the chunk has subjects (idle lanes still step)
         lanes = min(lanes, max(ENSEMBLE_LANES, -(-(chunk // n_dev) // LANE_MULTIPLE) * LANE_MULTIPLE))
     n_chunks = -(-n // chunk)
@@ -409,7 +416,7 @@ def simulate(
 
     # The ensemble skips the padding subjects of a last, partial chunk: deal the chunk's subjects out to
     # the devices in turn so each gets its share of the real ones (first on each device, as it needs).
-    dealt = engine == "ensemble" and n_dev > 1
+    dealt = engine in LANE_ENGINES and n_dev > 1
     perm = _dealt(chunk, n_dev) if dealt else np.arange(chunk)
 
     def in_order(out, i):
