@@ -199,7 +199,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     n_act = jnp.asarray([n if n_active is None else jnp.minimum(n_active, n)], jnp.int32)
     args = (times.reshape(-1), ev_t.reshape(-1), ev_amt.reshape(-1), ev_kind.reshape(-1),
             prepared["y0"].astype(float).reshape(-1), prepared["first_save"].astype(jnp.int32), theta.reshape(-1),
-            cov_values.reshape(-1), t_end, n_act, out0, jnp.zeros(n + lanes, jnp.int32), jnp.zeros(n + lanes, jnp.int32))
+            cov_values.reshape(-1), t_end, n_act, out0, *(jnp.zeros(n + lanes, jnp.int32) for _ in range(2)))
     whole = [pl.BlockSpec(memory_space=pl.ANY) for _ in args]
     out, ok, steps = pl.pallas_call(
         kernel, grid=(lanes // block,), in_specs=whole, out_specs=whole[-3:],

@@ -1,0 +1,158 @@
+"""The fused ensemble kernel (one Pallas kernel of the ensemble's lanes) against diffrax at tight tolerance,
+run by Pallas's interpreter on the CPU; its lowering to a Triton GPU kernel for every library model; and
+the row-by-row evaluation of the models' own functions that the kernel runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from test_ensemble import AGREEMENT, ODE_MODELS, REGIMENS, TIGHT, TIMES, _cells, _reference, _relative, _subjects
+
+import carkin as ck
+from carkin.simulation.ensemble import prepare_ensemble
+from carkin.simulation.fused import integrate_fused
+from carkin.simulation.lanewise import NotLanewise, lanewise
+
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call XLA runs a Triton kernel through
+
+
+def _model_functions(model):
+    names, cnames = model.parameter_names, [c.name for c in model.covariates]
+
+    def field(t, y, th, cv, phase):
+        return model.vector_field(t, y, dict(zip(names, th)), dict(zip(cnames, cv)), phase)
+
+    def switch(y, th, cv):
+        return model.on_switch(y, dict(zip(names, th)), dict(zip(cnames, cv)))
+
+    example = (np.float64(0.0), np.zeros(len(model.states)), np.ones(len(names)), np.ones(len(cnames)), np.int32(0))
+    return field, switch, example
+
+
+@pytest.mark.parametrize("name", ODE_MODELS)
+def test_a_models_functions_on_rows_of_lanes_equal_the_vmapped_functions(name):
+    model = ck.load_model(name)
+    rng = np.random.default_rng(3)
+    typical = np.array([model.typical[p] for p in model.parameter_names])
+    theta = typical * rng.uniform(0.5, 2.0, (12, typical.size))
+    cov = np.array([c.typical for c in model.covariates]) * rng.uniform(0.5, 1.5, (12, 1))
+    y = rng.uniform(0.0, 1e4, (len(model.states), 12))
+    t = rng.uniform(0.0, 60.0, 12)
+    phase = np.arange(12, dtype=np.int32) % 2
+    field, switch, example = _model_functions(model)
+    want = np.asarray(jax.vmap(field, in_axes=(0, 1, 0, 0, 0), out_axes=1)(t, y, theta, cov, phase))
+    got = np.stack(lanewise(field, *example)(t, list(y), list(theta.T), list(cov.T), phase))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    if model.has_switch:
+        want = np.asarray(jax.vmap(switch, in_axes=(1, 0, 0), out_axes=1)(y, theta, cov))
+        got = np.stack(lanewise(switch, *example[1:4])(list(y), list(theta.T), list(cov.T)))
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+
+
+def test_rows_follow_reshapes_broadcasts_and_reductions():
+    def fn(y, s):
+        m = jnp.reshape(y, (2, 3)).T  # (3, 2)
+        return jnp.sum(m * s, axis=1), jnp.max(y[1:5]), jnp.concatenate([y[:2], jnp.broadcast_to(s, (2,))])
+
+    y = np.arange(6.0)[:, None] * np.array([1.0, -2.0, 0.5])  # 6 values on 3 lanes
+    s = np.array([2.0, 3.0, -1.0])
+    want = jax.vmap(fn, in_axes=(1, 0))(y, s)
+    got = lanewise(fn, np.zeros(6), np.float64(1.0))(list(y), s)
+    np.testing.assert_allclose(np.stack(got[0], 1), want[0])
+    np.testing.assert_allclose(got[1], want[1])
+    np.testing.assert_allclose(np.stack(got[2], 1), want[2])
+
+
+def test_an_operation_without_a_row_form_is_named():
+    with pytest.raises(NotLanewise, match="cumsum"):
+        lanewise(lambda y: jnp.cumsum(y), np.zeros(3))([np.ones(4)] * 3)
+
+
+def _check_against_diffrax(name, n=6, lanes=8, block=4, alone=True):
+    """The reference's n subjects among 4n (each lane solves several in turn) and alone (a lane each)."""
+    model, reference = ck.load_model(name), _reference(name)
+    theta, cov, weight = _subjects(name, 4 * n)
+
+    @jax.jit
+    def solve(d_t, d_c, th, cv):
+        prepared = prepare_ensemble(model, TIMES, d_t, d_c, th, cv)
+        return integrate_fused(model, prepared, TIMES, th, cv, lanes=lanes, block=block, interpret=True, **TIGHT)
+
+    for r, regimen in enumerate(REGIMENS):
+        dose_t, cells = _cells(regimen, weight, n)
+        want = np.stack([reference[f"state_{s.name}"].values[r] for s in model.states], -1)
+        crowd = [np.asarray(x) for x in solve(dose_t, cells, theta, cov)]
+        runs = [crowd] + ([[np.asarray(x) for x in solve(dose_t[:n], cells[:n], theta[:n], cov[:n])]] if alone else [])
+        for ys, ok, steps in runs:
+            assert ok.all() and (steps > 0).all(), (name, regimen.label)
+            assert _relative(ys[:n], want) < AGREEMENT, (name, regimen.label)
+        if alone:  # which lane a subject runs on, and when, changes nothing
+            for a, b in zip(runs[1], crowd):
+                np.testing.assert_array_equal(a, b[:n])
+
+
+def test_the_fused_kernel_agrees_with_diffrax_on_cd7_cart():
+    _check_against_diffrax("cd7_cart", alone=False)  # one compile: the lane-independence check is in the slow set
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ODE_MODELS)
+def test_the_fused_kernel_agrees_with_diffrax_on_every_library_model(name):
+    _check_against_diffrax(name)
+
+
+@pytest.mark.parametrize("name", ODE_MODELS)
+def test_the_kernel_lowers_to_triton_for_a_gpu(name):
+    """No GPU here: the program is exported for CUDA, which builds the kernel's Triton code (an operation
+    Triton lacks fails here, as it would on the GPU)."""
+    model = ck.load_model(name)
+    n, n_par, n_cov = 1000, len(model.parameter_names), len(model.covariates)
+
+    def run(theta, cov, dose_t, cells):
+        prepared = prepare_ensemble(model, TIMES, dose_t, cells, theta, cov)
+        return integrate_fused(model, prepared, TIMES, theta, cov, lanes=256, interpret=False)
+
+    shapes = [jax.ShapeDtypeStruct(s, jnp.float64) for s in ((n, n_par), (n, n_cov), (n, 3), (n, 3))]
+    exported = export.export(jax.jit(run), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*shapes)
+    assert exported.mlir_module().count(TRITON_CALL) == 1
+
+
+@pytest.mark.slow
+def test_a_subject_past_its_step_budget_is_flagged_and_left_unsolved():
+    model = ck.load_model("cd7_cart")
+    theta, cov, weight = _subjects("cd7_cart", 6)
+    dose_t, cells = _cells(REGIMENS[1], weight)
+    prepared = prepare_ensemble(model, TIMES, dose_t, cells, theta, cov)
+    ys, ok, steps = integrate_fused(model, prepared, TIMES, theta, cov, lanes=8, block=4, max_steps=2)
+    assert not np.asarray(ok).any()
+    assert np.isnan(np.asarray(ys)[:, -1]).all()  # nothing written past the point of failure
+    ys, ok, _ = integrate_fused(model, prepared, TIMES, theta, cov, lanes=8, block=4, n_active=4)
+    assert np.asarray(ok).tolist() == [True] * 4 + [False] * 2  # subjects from n_active on are padding
+
+
+def test_simulate_runs_the_fused_engine_on_its_own_draws():
+    model, reference = ck.load_model("cd7_cart"), _reference("cd7_cart")
+    fused = ck.simulate(model, REGIMENS[1], TIMES, n_subjects=6, seed=7, engine="fused", progress=False)
+    assert fused.attrs["engine"] == "fused" and not fused["failed"].any()
+    for p in model.parameter_names:
+        np.testing.assert_array_equal(fused[p].values, reference[p].values, err_msg=p)
+    for name in ("car_copies", "cd7_cells", "blasts"):  # the model's tolerances against the tight solve
+        assert _relative(fused[name].values, reference[name].values[1]) < 1e-2, name
+
+
+@pytest.mark.slow
+def test_simulate_with_the_fused_engine_matches_the_ensemble_whatever_the_chunking():
+    model = ck.load_model("cd7_cart")
+    kw = dict(times=TIMES, n_subjects=40, seed=7, include_states=True, progress=False)
+    fused = ck.simulate(model, ck.split(1e7), engine="fused", **kw)
+    assert fused.attrs["engine"] == "fused" and not fused["failed"].any()
+    ensemble = ck.simulate(model, ck.split(1e7), engine="ensemble", **kw)
+    np.testing.assert_array_equal(fused["n_steps"].values, ensemble["n_steps"].values)
+    for s in model.states:  # the same method and steps: equal to rounding
+        np.testing.assert_allclose(fused[f"state_{s.name}"].values, ensemble[f"state_{s.name}"].values,
+                                   rtol=1e-11, atol=1e-12 * float(np.abs(ensemble[f"state_{s.name}"]).max()))
+    pieces = ck.simulate(model, ck.split(1e7), engine="fused", chunk_size=16, **kw)
+    for s in model.states:
+        np.testing.assert_array_equal(fused[f"state_{s.name}"].values, pieces[f"state_{s.name}"].values)
