@@ -73,7 +73,7 @@ def lanewise(fn, *example_args):
 
 
 def _run(jaxpr, consts, args: list, lane_shape) -> list:
-    env = {}
+    env: dict = {}
 
     def read(atom):
         if isinstance(atom, jcore.Literal):
