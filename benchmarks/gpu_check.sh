@@ -2,7 +2,8 @@
 # One-shot GPU check (issues 15 and 16): run every GPU step of benchmarks/gpu_check.py in this machine's
 # own Python (which has jax with CUDA), writing one JSON record to $OUT (or benchmarks/results).
 # `gpu_check.sh --loop [ARGS]` runs benchmarks/gpu_loop_check.py instead (the solve on the device by lane count,
-# the copy to the host, simulate end to end).
+# the copy to the host, simulate end to end); `gpu_check.sh --fused [ARGS]` runs benchmarks/gpu_fused_check.py
+# (the fused kernel's rate on several lane layouts against the XLA ensemble, and simulate with each).
 #
 # carkin runs from a copy of src/ laid out as installed (no build). The pure-Python packages it needs at the versions it is tested
 # with travel as wheels in .whl/ (or benchmarks/wheels/) and go into /tmp/site, ahead of the machine's
@@ -57,6 +58,11 @@ echo "package stack: $STACK"
 if [ "${1:-}" = "--loop" ]; then  # benchmarks/gpu_loop_check.py alone
     shift
     PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_loop_check.py --out "$OUT/gpu_loop.json" "$@"
+    exit
+fi
+if [ "${1:-}" = "--fused" ]; then  # benchmarks/gpu_fused_check.py alone (the fused kernel against the XLA ensemble)
+    shift
+    PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-480}" "$PY" benchmarks/gpu_fused_check.py --out "$OUT/gpu_fused.json" "$@"
     exit
 fi
 PYTHONPATH="$SITE:$PKG" timeout "${CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" \

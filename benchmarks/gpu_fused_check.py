@@ -1,0 +1,167 @@
+"""The fused ensemble kernel on a GPU (issue 15): its rate against the XLA ensemble in the same run.
+
+Steps, each recorded as it finishes (a failed step is recorded and the rest go on):
+
+1. ``solve``: the solve alone of 10^6 cd7_cart subjects (split 1e7 cells/kg, daily saves to day 90, the
+   model's tolerances), inputs and outputs on the device: the XLA ensemble (``integrate_ensemble``, 2^16
+   lanes, simulate's default) first, then the fused kernel (``integrate_fused``) for each
+   (lanes, lanes per program, warps) of ``--configs``; each with its first call (compile) and the best of
+   two more, its failures and steps, and the fused outputs' largest relative difference from the XLA
+   ensemble's (values above 1e-3 of their unit).
+2. ``simulate``: ``carkin.simulate(engine="fused")`` of the same design end to end (outputs on the host,
+   Dataset built), three calls, beside ``engine="ensemble"``'s three; then the fused outputs of the first
+   100 subjects against the CPU's ensemble.
+
+    python benchmarks/gpu_fused_check.py --out fused.json              # GPU sizes
+    python benchmarks/gpu_fused_check.py --quick --out /tmp/f.json     # tiny, interpreted, to test on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from gpu_loop_check import FLOOR, TIMES, population
+
+# (lanes, lanes per program, warps per program)
+CONFIGS = ((1 << 16, 32, 1), (1 << 15, 32, 1), (1 << 17, 32, 1), (1 << 16, 64, 2), (1 << 16, 128, 4))
+ENSEMBLE_LANES = 1 << 16
+
+
+def _largest_difference(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    keep = np.abs(b) > FLOOR
+    return float(np.max(np.abs(a[keep] - b[keep]) / np.abs(b[keep]))) if keep.any() else 0.0
+
+
+def _timed(fn, *args, runs=2):
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return out, first, times
+
+
+def solve(n: int, configs, record: dict, budget_s: float, quick: bool) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from carkin.simulation.ensemble import integrate_ensemble, prepare_ensemble
+    from carkin.simulation.fused import integrate_fused
+
+    started = time.perf_counter()
+    model, (times, dose_t, cells, theta, cov) = population(n)
+    prepared = jax.block_until_ready(jax.jit(lambda *a: prepare_ensemble(model, *a))(times, dose_t, cells, theta,
+                                                                                       cov))
+    rows = record.setdefault("solve", {})
+
+    def row(out, first, runs, **extra):
+        ys, ok, steps = out
+        return {"subjects": n, "run_s": min(runs), "runs_s": runs, "subjects_per_s": n / min(runs),
+                "compile_and_run_s": first, "failed": int(jnp.sum(~ok)), "mean_steps": float(jnp.mean(steps)),
+                "max_steps": int(jnp.max(steps)), **extra}
+
+    lanes0 = 128 if quick else ENSEMBLE_LANES
+    ensemble = jax.jit(lambda p: integrate_ensemble(model, p, times, theta, cov, lanes=lanes0))
+    base, first, runs = _timed(ensemble, prepared)
+    rows["ensemble"] = row(base, first, runs, lanes=lanes0)
+    print("ensemble", rows["ensemble"], flush=True)
+    for lanes, block, warps in configs:
+        key = f"fused_{lanes}_{block}_{warps}"
+        if time.perf_counter() - started > budget_s:
+            rows[key] = "skipped: time budget spent"
+            continue
+        try:
+            fused = jax.jit(lambda p, lanes=lanes, block=block, warps=warps: integrate_fused(
+                model, p, times, theta, cov, lanes=lanes, block=block, warps=warps))
+            out, first, runs = _timed(fused, prepared)
+            rows[key] = row(out, first, runs, lanes=lanes, block=block, warps=warps,
+                            max_rel_vs_ensemble=_largest_difference(out[0], base[0]),
+                            same_steps=bool(jnp.all(out[2] == base[2])))
+        except Exception:  # recorded; the other configurations still run
+            rows[key] = traceback.format_exc()[-3000:]
+        print(key, rows[key], flush=True)
+
+
+def end_to_end(n: int, record: dict, runs: int = 3) -> None:
+    import jax
+
+    import carkin as ck
+
+    model, regimen = ck.load_model("cd7_cart"), ck.split(1e7)
+    rows = record.setdefault("simulate", {})
+    for engine in ("ensemble", "fused"):
+        t0 = time.perf_counter()
+        ck.simulate(model, regimen, TIMES, n_subjects=n, seed=1, progress=False, engine=engine)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            ds = ck.simulate(model, regimen, TIMES, n_subjects=n, seed=2, progress=False, engine=engine)
+            times.append(time.perf_counter() - t0)
+        rows[engine] = {"subjects": n, "run_s": min(times), "runs_s": times, "subjects_per_s": n / min(times),
+                        "median_run_s": float(np.median(times)), "compile_and_run_s": first,
+                        "failed": int(ds["failed"].sum()), "mean_steps": float(ds["n_steps"].mean())}
+        print("simulate", engine, rows[engine], flush=True)
+    k = min(n, 100)  # a population's first k subjects are the k-subject population of the same seed
+    with jax.default_device(jax.devices("cpu")[0]):
+        cpu = ck.simulate(model, regimen, TIMES, n_subjects=k, seed=2, progress=False, engine="ensemble")
+    rows[f"max_rel_fused_gpu_vs_cpu_{k}_subjects"] = max(
+        _largest_difference(ds[o.name].values[:k], cpu[o.name].values) for o in model.observables)
+    print("fused gpu vs cpu", rows[f"max_rel_fused_gpu_vs_cpu_{k}_subjects"], flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="no step or configuration starts after this")
+    ap.add_argument("--configs", help="semicolon-separated lanes,block,warps triples (default: "
+                    + ";".join(",".join(map(str, c)) for c in CONFIGS) + ")")
+    ap.add_argument("--steps", default="solve,simulate", help="comma-separated steps, in their fixed order")
+    a = ap.parse_args(argv)
+    import jax
+
+    import carkin as ck
+
+    ck.configure()
+    n = 256 if a.quick else 1_000_000
+    configs = ((64, 32, 1), (64, 16, 1)) if a.quick else CONFIGS
+    if a.configs:
+        configs = tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";"))
+    record: dict = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": a.quick}
+    out = Path(a.out)
+    started = time.perf_counter()
+    steps = (("solve", lambda: solve(n, configs, record, a.budget_s, a.quick)),
+             ("simulate", lambda: end_to_end(64 if a.quick else n, record)))
+    for name, step in steps:
+        if name not in a.steps.split(","):
+            continue
+        if time.perf_counter() - started > a.budget_s:
+            record[name] = "skipped: time budget spent"
+            continue
+        try:
+            step()
+        except Exception:  # recorded; the other steps still run
+            record[name + "_error"] = traceback.format_exc()[-3000:]
+        out.write_text(json.dumps(record, indent=1, default=str))
+    record["wall_s"] = time.perf_counter() - started
+    out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
