@@ -53,7 +53,9 @@ def test_a_models_functions_on_rows_of_lanes_equal_the_vmapped_functions(name):
 def test_rows_follow_reshapes_broadcasts_and_reductions():
     def fn(y, s):
         m = jnp.reshape(y, (2, 3)).T  # (3, 2)
-        return jnp.sum(m * s, axis=1), jnp.max(y[1:5]), jnp.concatenate([y[:2], jnp.broadcast_to(s, (2,))])
+        outer = y[:3, None] * y[None, 3:]  # size-1 dimensions stretched by the multiplication itself
+        return (jnp.sum(m * s, axis=1), jnp.max(y[1:5]), jnp.concatenate([y[:2], jnp.broadcast_to(s, (2,))]),
+                jnp.sum(outer, axis=0) + outer[2])
 
     y = np.arange(6.0)[:, None] * np.array([1.0, -2.0, 0.5])  # 6 values on 3 lanes
     s = np.array([2.0, 3.0, -1.0])
@@ -62,11 +64,14 @@ def test_rows_follow_reshapes_broadcasts_and_reductions():
     np.testing.assert_allclose(np.stack(got[0], 1), want[0])
     np.testing.assert_allclose(got[1], want[1])
     np.testing.assert_allclose(np.stack(got[2], 1), want[2])
+    np.testing.assert_allclose(np.stack(got[3], 1), want[3])
 
 
 def test_an_operation_without_a_row_form_is_named():
     with pytest.raises(NotLanewise, match="cumsum"):
         lanewise(lambda y: jnp.cumsum(y), np.zeros(3))([np.ones(4)] * 3)
+    with pytest.raises(NotLanewise, match="iota"):
+        lanewise(lambda y: y * jnp.arange(3.0), np.zeros(3))([np.ones(4)] * 3)
 
 
 def _check_against_diffrax(name, n=6, lanes=8, block=4, alone=True):
@@ -130,6 +135,11 @@ def test_a_subject_past_its_step_budget_is_flagged_and_left_unsolved():
     assert np.isnan(np.asarray(ys)[:, -1]).all()  # nothing written past the point of failure
     ys, ok, _ = integrate_fused(model, prepared, TIMES, theta, cov, lanes=8, block=4, n_active=4)
     assert np.asarray(ok).tolist() == [True] * 4 + [False] * 2  # subjects from n_active on are padding
+    # a (1, T) grid is every subject's grid
+    ys_1t, ok, _ = integrate_fused(model, prepared, TIMES[None, :], theta, cov, lanes=8, block=4, n_active=4)
+    np.testing.assert_array_equal(np.asarray(ys_1t)[:4], np.asarray(ys)[:4])
+    with pytest.raises(ValueError, match="power of two"):
+        integrate_fused(model, prepared, TIMES, theta, cov, lanes=8, block=6)
 
 
 def test_simulate_runs_the_fused_engine_on_its_own_draws():

@@ -44,7 +44,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     solved by one kernel on ``lanes`` lanes in programs of ``block`` lanes. Arguments and result as
     :func:`carkin.simulation.ensemble.integrate_ensemble`'s: ``(ys, ok, n_steps)``, ``ys`` (N, T,
     n_states); subjects from ``n_active`` on are left unsolved (``ok`` False). ``interpret`` (default:
-    on a CPU) runs the kernel in Pallas's interpreter."""
+    on JAX's default backend a CPU) runs the kernel in Pallas's interpreter. ``block`` must be a power of two."""
     s = model.solver
     rtol = float(s.rtol if rtol is None else rtol)
     atol = float(s.atol if atol is None else atol)
@@ -54,8 +54,12 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     n, n_par = theta.shape
     n_cov = cov_values.shape[1]
     n_states = len(model.states)
-    shared = jnp.ndim(times) == 1
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"integrate_fused: block must be a power of two (a kernel's tile), got {block}")
     times = jnp.asarray(times, float)
+    shared = times.ndim == 1
+    if not shared:  # one grid per subject (a (1, T) grid is every subject's)
+        times = jnp.broadcast_to(times, (n, times.shape[-1]))
     n_times = times.shape[-1]
     ev_t, ev_amt, ev_kind = prepared["ev_t"], prepared["ev_amt"], prepared["ev_kind"].astype(jnp.int32)
     n_events = ev_t.shape[1]

@@ -22,7 +22,7 @@ ELEMENTWISE = frozenset({
     "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq", "erf", "erfc", "erf_inv", "exp", "exp2",
     "expm1", "floor", "ge", "gt", "integer_pow", "is_finite", "le", "lgamma", "digamma", "log", "log1p", "logistic",
     "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "reduce_precision", "rem", "round",
-    "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor",
+    "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
 })
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
@@ -103,11 +103,14 @@ def _apply(eqn, ins: list, lane_shape) -> list:
         jaxpr = closed.jaxpr if closed is not None else inner
         return _run(jaxpr, closed.consts if closed is not None else (), ins, lane_shape)
     if name in ELEMENTWISE:
-        size = math.prod(out_shape)
-        expanded = [v.rows if len(v.rows) == size else v.rows * size for v in ins]  # a scalar operand repeats
+        # an operand's size-1 dimensions stretch to the result's (numpy's broadcasting, as the operation's)
+        where = [np.broadcast_to(np.arange(len(v.rows)).reshape(v.shape), out_shape).reshape(-1) for v in ins]
         dtypes = [a.aval.dtype for a in eqn.invars]
-        rows = [_bind(eqn.primitive, [r[i] for r in expanded], dtypes, params, lane_shape) for i in range(size)]
+        rows = [_bind(eqn.primitive, [v.rows[w[i]] for v, w in zip(ins, where)], dtypes, params, lane_shape)
+                for i in range(math.prod(out_shape))]
         return [_Value(out_shape, rows)]
+    if not ins:
+        raise NotLanewise(f"operation {name!r} has no row-by-row form (the model's function uses it)")
     (v, *rest) = ins
     if name in ("squeeze", "reshape", "expand_dims"):
         return [_Value(out_shape, v.rows)]
