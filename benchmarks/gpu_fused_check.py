@@ -4,10 +4,10 @@ Steps, each recorded as it finishes (a failed step is recorded and the rest go o
 
 1. ``solve``: the solve alone of 10^6 cd7_cart subjects (split 1e7 cells/kg, daily saves to day 90, the
    model's tolerances), inputs and outputs on the device: the XLA ensemble (``integrate_ensemble``, 2^16
-   lanes, simulate's default) first, then the fused kernel (``integrate_fused``) for each
-   (lanes, lanes per program, warps) of ``--configs``; each with its first call (compile) and the best of
-   two more, its failures and steps, and the fused outputs' largest relative difference from the XLA
-   ensemble's (values above 1e-3 of their unit).
+   lanes, simulate's default) first, then the fused kernel (``integrate_fused``) for each (lanes, lanes
+   per program, warps, parameters held in registers or read at each step) of ``--configs``; each with its
+   first call (compile) and the best of two more, its failures and steps, and the fused outputs' largest
+   relative difference from the XLA ensemble's (values above 1e-3 of their unit).
 2. ``simulate``: ``carkin.simulate(engine="fused")`` of the same design end to end (outputs on the host,
    Dataset built), three calls, beside ``engine="ensemble"``'s three; then the fused outputs of the first
    100 subjects against the CPU's ensemble.
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from gpu_loop_check import FLOOR, TIMES, population
 
-# (lanes, lanes per program, warps per program)
-CONFIGS = ((1 << 16, 32, 1), (1 << 15, 32, 1), (1 << 17, 32, 1), (1 << 16, 64, 2), (1 << 16, 128, 4))
+# (lanes, lanes per program, warps per program, parameters held in registers: 1, or read at each step: 0)
+CONFIGS = ((1 << 16, 32, 1, 1), (1 << 16, 32, 1, 0), (1 << 15, 32, 1, 1), (1 << 17, 32, 1, 1), (1 << 16, 64, 2, 1),
+           (1 << 16, 128, 4, 1))
 ENSEMBLE_LANES = 1 << 16
 
 
@@ -53,7 +54,7 @@ def _timed(fn, *args, runs=2):
     return out, first, times
 
 
-def solve(n: int, configs, record: dict, budget_s: float, quick: bool) -> None:
+def solve(n: int, configs, record: dict, budget_s: float, quick: bool, save) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -77,21 +78,23 @@ def solve(n: int, configs, record: dict, budget_s: float, quick: bool) -> None:
     base, first, runs = _timed(ensemble, prepared)
     rows["ensemble"] = row(base, first, runs, lanes=lanes0)
     print("ensemble", rows["ensemble"], flush=True)
-    for lanes, block, warps in configs:
-        key = f"fused_{lanes}_{block}_{warps}"
+    save()
+    for lanes, block, warps, hold in configs:
+        key = f"fused_{lanes}_{block}_{warps}_{'held' if hold else 'read'}"
         if time.perf_counter() - started > budget_s:
             rows[key] = "skipped: time budget spent"
             continue
         try:
-            fused = jax.jit(lambda p, lanes=lanes, block=block, warps=warps: integrate_fused(
-                model, p, times, theta, cov, lanes=lanes, block=block, warps=warps))
+            fused = jax.jit(lambda p, lanes=lanes, block=block, warps=warps, hold=hold: integrate_fused(
+                model, p, times, theta, cov, lanes=lanes, block=block, warps=warps, hold_parameters=bool(hold)))
             out, first, runs = _timed(fused, prepared)
-            rows[key] = row(out, first, runs, lanes=lanes, block=block, warps=warps,
+            rows[key] = row(out, first, runs, lanes=lanes, block=block, warps=warps, hold_parameters=bool(hold),
                             max_rel_vs_ensemble=_largest_difference(out[0], base[0]),
                             same_steps=bool(jnp.all(out[2] == base[2])))
         except Exception:  # recorded; the other configurations still run
             rows[key] = traceback.format_exc()[-3000:]
         print(key, rows[key], flush=True)
+        save()  # each configuration on disk as it finishes (a compile that hangs loses nothing before it)
 
 
 def end_to_end(n: int, record: dict, runs: int = 3) -> None:
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=330.0, help="no step or configuration starts after this")
-    ap.add_argument("--configs", help="semicolon-separated lanes,block,warps triples (default: "
+    ap.add_argument("--configs", help="semicolon-separated lanes,block,warps,hold quadruples (default: "
                     + ";".join(",".join(map(str, c)) for c in CONFIGS) + ")")
     ap.add_argument("--steps", default="solve,simulate", help="comma-separated steps, in their fixed order")
     a = ap.parse_args(argv)
@@ -137,14 +140,18 @@ def main(argv=None) -> int:
 
     ck.configure()
     n = 256 if a.quick else 1_000_000
-    configs = ((64, 32, 1), (64, 16, 1)) if a.quick else CONFIGS
+    configs = ((64, 32, 1, 1), (64, 16, 1, 0)) if a.quick else CONFIGS
     if a.configs:
         configs = tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";"))
     record: dict = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
                     "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": a.quick}
     out = Path(a.out)
     started = time.perf_counter()
-    steps = (("solve", lambda: solve(n, configs, record, a.budget_s, a.quick)),
+
+    def save():
+        out.write_text(json.dumps(record, indent=1, default=str))
+
+    steps = (("solve", lambda: solve(n, configs, record, a.budget_s, a.quick, save)),
              ("simulate", lambda: end_to_end(64 if a.quick else n, record)))
     for name, step in steps:
         if name not in a.steps.split(","):

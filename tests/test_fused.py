@@ -165,3 +165,15 @@ def test_simulate_with_the_fused_engine_matches_the_ensemble_whatever_the_chunki
     pieces = ck.simulate(model, ck.split(1e7), engine="fused", chunk_size=16, **kw)
     for s in model.states:
         np.testing.assert_array_equal(fused[f"state_{s.name}"].values, pieces[f"state_{s.name}"].values)
+
+
+@pytest.mark.slow
+def test_parameters_read_at_each_step_give_the_same_numbers_as_held_ones():
+    model = ck.load_model("stein_2019")  # a switch, whose jump reads the parameters too
+    theta, cov, weight = _subjects("stein_2019", 12)
+    dose_t, cells = _cells(REGIMENS[2], weight)
+    prepared = prepare_ensemble(model, TIMES, dose_t, cells, theta, cov)
+    held, read = (integrate_fused(model, prepared, TIMES, theta, cov, lanes=8, block=4, hold_parameters=hold)
+                  for hold in (True, False))
+    for a, b in zip(held, read):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -39,12 +39,15 @@ INDEX_LIMIT = 2**31 - 1  # flat offsets beyond this need 64-bit index arithmetic
 
 def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, rtol=None, atol=None,
                     max_steps=None, lanes: int = 1 << 16, n_active=None, saves_per_step: int = SAVES_PER_STEP,
-                    block: int = BLOCK, warps: int = WARPS, interpret: bool | None = None):
+                    block: int = BLOCK, warps: int = WARPS, hold_parameters: bool = True,
+                    interpret: bool | None = None):
     """States at ``times`` for N prepared subjects (:func:`carkin.simulation.ensemble.prepare_ensemble`),
     solved by one kernel on ``lanes`` lanes in programs of ``block`` lanes. Arguments and result as
     :func:`carkin.simulation.ensemble.integrate_ensemble`'s: ``(ys, ok, n_steps)``, ``ys`` (N, T,
     n_states); subjects from ``n_active`` on are left unsolved (``ok`` False). ``interpret`` (default:
-    on JAX's default backend a CPU) runs the kernel in Pallas's interpreter. ``block`` must be a power of two."""
+    on JAX's default backend a CPU) runs the kernel in Pallas's interpreter. ``block`` must be a power of two.
+    ``hold_parameters``: a lane keeps its subject's parameters and covariates in registers (True) or reads
+    them from memory at each step (False: fewer registers held through the loop; the same numbers)."""
     s = model.solver
     rtol = float(s.rtol if rtol is None else rtol)
     atol = float(s.atol if atol is None else atol)
@@ -87,6 +90,11 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
         def time_at(subject, col):
             return _gather(times_ref, col) if shared else at(times_ref, subject, n_times, col)
 
+        def subject_values(c, mask=None):
+            """A subject's parameters and covariates, one row each."""
+            return dict(th=[at(theta_ref, c, n_par, q, mask) for q in range(n_par)],
+                        cv=[at(cov_ref, c, n_cov, q, mask) for q in range(n_cov)])
+
         def start(subject, mask):
             """A lane's values for ``subject`` at its first infusion (before the infusion); -1: idle."""
             valid = mask & (subject < n_act)
@@ -97,15 +105,15 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
                 h=jnp.full(block, s.dt0, float), k=jnp.zeros(block, jnp.int32),
                 j=at(first_ref, c, 1, 0, valid), phase=jnp.zeros(block, jnp.int32),
                 steps=jnp.zeros(block, jnp.int32), end=at(end_ref, c, 1, 0, valid),
-                th=[at(theta_ref, c, n_par, q, valid) for q in range(n_par)],
-                cv=[at(cov_ref, c, n_cov, q, valid) for q in range(n_cov)],
+                **(subject_values(c, valid) if hold_parameters else {}),
             )
 
         def body(lane_):
             subj, t, y, h, k, j = (lane_[key] for key in ("subject", "t", "y", "h", "k", "j"))
-            th, cv, phase = lane_["th"], lane_["cv"], lane_["phase"]
+            phase = lane_["phase"]
             active = subj >= 0
             c = jnp.where(active, subj, 0)
+            th, cv = (lane_["th"], lane_["cv"]) if hold_parameters else subject_values(c).values()
             k_c = jnp.minimum(k, n_events - 1)
             has_event = k < n_events
             next_ev = jnp.where(has_event, at(ev_t_ref, c, n_events, k_c), jnp.inf)
@@ -186,7 +194,8 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
             plt.store(steps_ref.at[slot], steps, mask=leaving)
             stay = dict(subject=subj, t=jnp.where(took, t_new, t), y=y_next, h=h_next, k=k + at_event.astype(jnp.int32),
                         j=j + written + jnp.where(finished, saves_per_step, 0),
-                        phase=jnp.where(at_event & (kind == 1), 1, phase), steps=steps, end=lane_["end"], th=th, cv=cv)
+                        phase=jnp.where(at_event & (kind == 1), 1, phase), steps=steps, end=lane_["end"],
+                        **({"th": th, "cv": cv} if hold_parameters else {}))
             # a lane that is done takes its next subject (``lanes`` on), or goes idle
             fresh = start(subj + lanes, leaving)
             return jax.tree_util.tree_map(lambda new, old: jnp.where(leaving, new, old), fresh, stay)
