@@ -69,9 +69,20 @@ def test_rows_follow_reshapes_broadcasts_and_reductions():
 
 def test_an_operation_without_a_row_form_is_named():
     with pytest.raises(NotLanewise, match="cumsum"):
-        lanewise(lambda y: jnp.cumsum(y), np.zeros(3))([np.ones(4)] * 3)
+        lanewise(lambda y: jnp.cumsum(y), np.zeros(3))
     with pytest.raises(NotLanewise, match="iota"):
-        lanewise(lambda y: y * jnp.arange(3.0), np.zeros(3))([np.ones(4)] * 3)
+        lanewise(lambda y: y * jnp.arange(3.0), np.zeros(3))
+
+
+def test_simulate_names_a_model_the_fused_engine_cannot_run():
+    class Sorted(type(ck.load_model("cd7_carnk"))):
+        name = "sorted_field"
+
+        def vector_field(self, t, y, p, cov, phase):
+            return jnp.sort(super().vector_field(t, y, p, cov, phase))
+
+    with pytest.raises(ck.errors.InputError, match="engine='fused' cannot run model 'sorted_field'.*'sort'"):
+        ck.simulate(Sorted(), ck.split(1e7), TIMES, engine="fused")
 
 
 def _check_against_diffrax(name, n=6, lanes=8, block=4, alone=True):

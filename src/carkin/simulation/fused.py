@@ -74,7 +74,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     # masked store writes nothing, but Pallas's interpreter writes every lane, and two lanes must not share one.
     n_out = n * n_times * n_states
     index_dtype = jnp.int32 if n_out + lanes * saves_per_step * n_states <= INDEX_LIMIT else jnp.int64
-    field, switch = _row_functions(model)
+    field, switch = row_functions(model)
     dose_row = model.dose_index
     steps_rk = tuple(zip(_C, _A))
 
@@ -230,7 +230,7 @@ def _gather(ref, index, mask=None):
 
 
 @functools.lru_cache(maxsize=16)
-def _row_functions(model: Model):
+def row_functions(model: Model):
     """The model's vector field and switch as functions of rows (:func:`lanewise`): field(t, y, th, cv,
     phase) and switch(y, th, cv) (None for a model without a switch)."""
     names = model.parameter_names

@@ -24,6 +24,8 @@ ELEMENTWISE = frozenset({
     "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "reduce_precision", "rem", "round",
     "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
 })
+STRUCTURAL = frozenset({"squeeze", "reshape", "expand_dims", "broadcast_in_dim", "slice", "transpose", "concatenate",
+                        "stack", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
          "remat": "jaxpr", "checkpoint": "jaxpr"}
@@ -49,9 +51,10 @@ def lanewise(fn, *example_args):
     ``fn`` is traced once on ``example_args`` (arrays of one subject, each a scalar or a vector; their dtypes
     are those the rows will have). The returned function takes, for each of them, a row (for a scalar) or a
     sequence of rows (for a vector of k values), all rows of one shape, and returns ``fn``'s result the same
-    way: a row for a scalar, a list of rows for a vector. Raises :class:`NotLanewise` at the call if ``fn``
-    uses an operation without a row form (a matrix product, a loop, a sort)."""
+    way: a row for a scalar, a list of rows for a vector. Raises :class:`NotLanewise` if ``fn`` uses an
+    operation without a row form (a matrix product, a loop, a sort)."""
     closed = jax.make_jaxpr(fn)(*example_args)
+    _check(closed.jaxpr)
     shapes = [np.shape(x) for x in example_args]
     out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, *example_args))
 
@@ -70,6 +73,17 @@ def lanewise(fn, *example_args):
         return jax.tree_util.tree_unflatten(out_tree, result)
 
     return rows_fn
+
+
+def _check(jaxpr) -> None:
+    """Raise :class:`NotLanewise` naming the first operation of ``jaxpr`` (or a call in it) without a row form."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in CALLS:
+            inner = eqn.params[CALLS[name]]
+            _check(inner.jaxpr if hasattr(inner, "consts") else inner)
+        elif name not in ELEMENTWISE and (name not in STRUCTURAL or not eqn.invars):
+            raise NotLanewise(f"operation {name!r} has no row-by-row form (the model's function uses it)")
 
 
 def _run(jaxpr, consts, args: list, lane_shape) -> list:

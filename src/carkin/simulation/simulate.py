@@ -118,6 +118,14 @@ def choose_engine(model: Model, engine: str, include_states: bool) -> str:
         raise InputError("the closed form gives observables only; use engine='diffrax' with include_states=True")
     if engine == "auto":
         return "closed-form" if model.has_closed_form and not include_states else "ensemble"
+    if engine == "fused":
+        from carkin.simulation.fused import row_functions
+        from carkin.simulation.lanewise import NotLanewise
+
+        try:
+            row_functions(model)
+        except NotLanewise as e:
+            raise InputError(f"engine='fused' cannot run model {model.name!r}: {e}; use engine='ensemble'") from None
     return engine
 
 
