@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from gpu_loop_check import FLOOR, TIMES, population
+from gpu_loop_check import FLOOR, TIMES, population, run_steps
 
 # (lanes, lanes per program, warps per program, parameters held in registers: 1, or read at each step: 0)
 CONFIGS = ((1 << 16, 32, 1, 1), (1 << 16, 32, 1, 0), (1 << 15, 32, 1, 1), (1 << 17, 32, 1, 1), (1 << 16, 64, 2, 1),
@@ -153,20 +153,7 @@ def main(argv=None) -> int:
 
     steps = (("solve", lambda: solve(n, configs, record, a.budget_s, a.quick, save)),
              ("simulate", lambda: end_to_end(64 if a.quick else n, record)))
-    for name, step in steps:
-        if name not in a.steps.split(","):
-            continue
-        if time.perf_counter() - started > a.budget_s:
-            record[name] = "skipped: time budget spent"
-            continue
-        try:
-            step()
-        except Exception:  # recorded; the other steps still run
-            record[name + "_error"] = traceback.format_exc()[-3000:]
-        out.write_text(json.dumps(record, indent=1, default=str))
-    record["wall_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {out}")
+    run_steps(steps, a.steps.split(","), record, out, a.budget_s, started)
     return 0
 
 

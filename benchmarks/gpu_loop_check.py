@@ -207,10 +207,17 @@ def main(argv=None) -> int:
              ("simulate_pageable", pageable),
              ("transfer", lambda: transfer(record, 4096 if a.quick else 1 << 20)),
              ("graphs", graphs))
+    run_steps(steps, a.steps.split(","), record, out, a.budget_s, started)
+    return 0
+
+
+def run_steps(steps, chosen, record: dict, out: Path, budget_s: float, started: float) -> None:
+    """Run the ``chosen`` of ``steps`` ((name, function) pairs) in order, recording each failure and skipping
+    those that would start after ``budget_s``; ``record`` is written to ``out`` after each."""
     for name, step in steps:
-        if name not in a.steps.split(","):
+        if name not in chosen:
             continue
-        if time.perf_counter() - started > a.budget_s:
+        if time.perf_counter() - started > budget_s:
             record[name] = "skipped: time budget spent"
             continue
         try:
@@ -221,7 +228,6 @@ def main(argv=None) -> int:
     record["wall_s"] = time.perf_counter() - started
     out.write_text(json.dumps(record, indent=1, default=str))
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-from test_ensemble import AGREEMENT, ODE_MODELS, REGIMENS, TIGHT, TIMES, _cells, _reference, _relative, _subjects
+from test_ensemble import (
+    AGREEMENT,
+    ODE_MODELS,
+    REGIMENS,
+    TIGHT,
+    TIMES,
+    _cells,
+    _check_solve,
+    _reference,
+    _relative,
+    _subjects,
+)
 
 import carkin as ck
 from carkin.simulation.ensemble import prepare_ensemble
@@ -85,27 +96,17 @@ def test_simulate_names_a_model_the_fused_engine_cannot_run():
         ck.simulate(Sorted(), ck.split(1e7), TIMES, engine="fused")
 
 
-def _check_against_diffrax(name, n=6, lanes=8, block=4, alone=True):
+def _check_against_diffrax(name, n=6, lanes=8, block=4):
     """The reference's n subjects among 4n (each lane solves several in turn) and alone (a lane each)."""
     model, reference = ck.load_model(name), _reference(name)
     theta, cov, weight = _subjects(name, 4 * n)
 
     @jax.jit
-    def solve(d_t, d_c, th, cv):
-        prepared = prepare_ensemble(model, TIMES, d_t, d_c, th, cv)
-        return integrate_fused(model, prepared, TIMES, th, cv, lanes=lanes, block=block, interpret=True, **TIGHT)
+    def solve(times, d_t, d_c, th, cv):
+        prepared = prepare_ensemble(model, times, d_t, d_c, th, cv)
+        return integrate_fused(model, prepared, times, th, cv, lanes=lanes, block=block, interpret=True, **TIGHT)
 
-    for r, regimen in enumerate(REGIMENS):
-        dose_t, cells = _cells(regimen, weight, n)
-        want = np.stack([reference[f"state_{s.name}"].values[r] for s in model.states], -1)
-        crowd = [np.asarray(x) for x in solve(dose_t, cells, theta, cov)]
-        runs = [crowd] + ([[np.asarray(x) for x in solve(dose_t[:n], cells[:n], theta[:n], cov[:n])]] if alone else [])
-        for ys, ok, steps in runs:
-            assert ok.all() and (steps > 0).all(), (name, regimen.label)
-            assert _relative(ys[:n], want) < AGREEMENT, (name, regimen.label)
-        if alone:  # which lane a subject runs on, and when, changes nothing
-            for a, b in zip(runs[1], crowd):
-                np.testing.assert_array_equal(a, b[:n])
+    _check_solve(model, reference, theta, cov, weight, n, solve)
 
 
 @pytest.mark.slow

@@ -211,9 +211,7 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
         # Step sizes are not differentiated: a derivative is that of the solution on the steps taken.
         err = jax.lax.stop_gradient(jnp.sqrt(jnp.mean((y_err / scale) ** 2, axis=0)))
         finite = jnp.all(jnp.isfinite(y_new), axis=0) & jnp.isfinite(err)
-        accept = (err <= 1.0) & finite
-        factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
-        factor = jnp.clip(jnp.where(finite, factor, MIN_FACTOR), MIN_FACTOR, jnp.where(accept, MAX_FACTOR, 1.0))
+        accept, factor = control(err, finite)
         t_new = jnp.where(lands, t_stop, t + h_eff)
         stepping = active & ~at_event & ~finished
         took = stepping & accept
@@ -233,7 +231,7 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
         write_end = finished[:, None] & (idx < n_times)
         th_ = (t_m - t[:, None]) / jnp.where(h_eff > 0, h_eff, 1.0)[:, None]  # (lanes, saves_per_step)
         y3, d3, b3, r43, r53 = (a[:, :, None] for a in (y, y_diff, b_spl, r4, r5))  # (state, lane, 1)
-        val = y3 + th_ * (d3 + (1 - th_) * (b3 + th_ * (r43 + (1 - th_) * r53)))  # (state, lane, save)
+        val = dense_value(th_, y3, d3, b3, r43, r53)  # (state, lane, save)
         val = jnp.where(write_end, y3, val)
         row = jnp.where(write_step | write_end, subj[:, None], spare)
         out = out.at[row, col].set(jnp.moveaxis(val, 0, -1), mode="drop", unique_indices=True)
@@ -297,6 +295,22 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
     carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.minimum(lanes, limit))
     _, out, ok, n_steps, _ = jax.lax.while_loop(cond, body, carry)
     return out, ok, n_steps
+
+
+def control(err, finite):
+    """``(accept, factor)`` of steps with RMS error norms ``err`` (finite where the new state is): a step is
+    taken where ``err <= 1``, and the next step size is the step's times ``factor`` (an I-controller, clipped
+    to [MIN_FACTOR, MAX_FACTOR], and not above 1 after a rejected step)."""
+    accept = (err <= 1.0) & finite
+    factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
+    factor = jnp.clip(jnp.where(finite, factor, MIN_FACTOR), MIN_FACTOR, jnp.where(accept, MAX_FACTOR, 1.0))
+    return accept, factor
+
+
+def dense_value(u, y, y_diff, b, r4, r5):
+    """The step's continuous extension at fraction ``u`` of it, from the start ``y``, the change ``y_diff``
+    and the extension's coefficients ``b``, ``r4``, ``r5`` (any shapes that broadcast)."""
+    return y + u * (y_diff + (1 - u) * (b + u * (r4 + (1 - u) * r5)))
 
 
 def compiler_options() -> dict | None:

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from carkin.model.kinetics import Model
-from carkin.simulation.ensemble import _A, _C, _D, _E, MAX_FACTOR, MIN_FACTOR, SAFETY, SAVES_PER_STEP
+from carkin.simulation.ensemble import _A, _C, _D, _E, SAVES_PER_STEP, control, dense_value
 from carkin.simulation.lanewise import lanewise
 
 # Lanes of one kernel program, and the warps that run them: one lane per thread of one warp. A program runs
@@ -141,9 +141,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
                 finite = finite & (jnp.abs(y_new[q]) < jnp.inf)
             err = jnp.sqrt(sq / n_states)
             finite = finite & (err < jnp.inf)
-            accept = (err <= 1.0) & finite
-            factor = jnp.where(err == 0.0, MAX_FACTOR, SAFETY * err ** (-1 / 5))
-            factor = jnp.clip(jnp.where(finite, factor, MIN_FACTOR), MIN_FACTOR, jnp.where(accept, MAX_FACTOR, 1.0))
+            accept, factor = control(err, finite)
             t_new = jnp.where(lands, t_stop, t + h_eff)
             stepping = active & ~at_event & ~finished
             took = stepping & accept
@@ -167,7 +165,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
                 base = jnp.where(write, (c.astype(index_dtype) * n_times + col) * n_states,
                                  n_out + (lane.astype(index_dtype) * saves_per_step + m) * n_states)
                 for q in range(n_states):
-                    val = y[q] + u * (y_diff[q] + (1 - u) * (b_spl[q] + u * (r4[q] + (1 - u) * r5[q])))
+                    val = dense_value(u, y[q], y_diff[q], b_spl[q], r4[q], r5[q])
                     plt.store(out_ref.at[base + q], jnp.where(write_end, y[q], val), mask=write)
                 written = written + write_step.astype(jnp.int32)
 
