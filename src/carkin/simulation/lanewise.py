@@ -123,9 +123,7 @@ def _apply(eqn, ins: list, lane_shape) -> list:
         rows = [_bind(eqn.primitive, [v.rows[w[i]] for v, w in zip(ins, where)], dtypes, params, lane_shape)
                 for i in range(math.prod(out_shape))]
         return [_Value(out_shape, rows)]
-    if not ins:
-        raise NotLanewise(f"operation {name!r} has no row-by-row form (the model's function uses it)")
-    (v, *rest) = ins
+    v = ins[0]  # structural operations (checked at the trace to have operands)
     if name in ("squeeze", "reshape", "expand_dims"):
         return [_Value(out_shape, v.rows)]
     if name == "broadcast_in_dim":
