@@ -144,14 +144,16 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
     virtual = population.Population.of(model)
     weight = model.role("weight")
 
-    def draw(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask):
+    def draw(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols):
+        # the given values (columns cov_cols, par_cols; usually none) replace the drawn ones
         theta, cov_s = population.draw_subject(key, index, virtual, typ, omega, *ctab, variability)
-        return jnp.where(par_mask, par_given, theta), jnp.where(cov_mask, cov_given, cov_s)
+        return theta.at[par_cols].set(par_given), cov_s.at[cov_cols].set(cov_given)
 
-    def drawn(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times):
+    def drawn(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols, dose_t, dose_per_kg, times):
         theta, cov_v = jax.vmap(draw, in_axes=(None, 0, None, None, None, 0, None, 0, None))(
-            key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
-        cells = dose_per_kg * cov_v[:, cnames.index(weight)][:, None]
+            key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols)
+        cells = dose_per_kg[None, :] * cov_v[:, cnames.index(weight)][:, None]
+        dose_t = jnp.broadcast_to(dose_t, cells.shape)  # every subject of a call has the regimen's dose table
         return prepare_ensemble(model, times, dose_t, cells, theta, cov_v), theta, cov_v
 
     def solved(prepared, theta, cov_v, index, times, end):
@@ -165,9 +167,9 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         ok = ok & jnp.all(jnp.isfinite(ys), axis=(1, 2))
         return obs, ys if states else ys[:, :, :0], ok, steps, theta, cov_v  # states stay on the device unless asked
 
-    def one(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask,
+    def one(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols,
             dose_t, dose_per_kg, times, end=None):
-        theta, cov_v = draw(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask)
+        theta, cov_v = draw(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols)
         p = dict(zip(names, theta))
         cov = dict(zip(cnames, cov_v))
         if engine == "closed-form":
@@ -180,7 +182,9 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
         finite = jnp.all(jnp.isfinite(ys))
         return obs, ys if states else ys[:, :0], ok & finite, steps, theta, cov_v
 
-    in_axes = (None, 0, None, None, None, 0, None, 0, None, 0, 0, None, None)
+    # per subject (0): its index and given covariates and parameters; shared (None): the rest, the regimen's
+    # dose table included (what crosses to an accelerator per call is a few bytes a subject)
+    in_axes = (None, 0, None, None, None, 0, None, 0, None, None, None, None, None)
     if engine not in LANE_ENGINES:
         return _compiled(jax.vmap(one, in_axes=in_axes), in_axes, n_devices)
     # Two programs: the draw and each subject's events and initial states compiled as XLA does by default,
@@ -189,8 +193,8 @@ def _chunk_solver(model: Model, variability: bool, rtol, atol, n_devices: int, e
     first = _compiled(drawn, in_axes[:-1], n_devices)
     second = _compiled(solved, (0, 0, 0, 0, None, None), n_devices, compiler_options())
 
-    def run(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t, dose_per_kg, times, end):
-        return second(*first(key, index, typ, omega, ctab, cov_given, cov_mask, par_given, par_mask, dose_t,
+    def run(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols, dose_t, dose_per_kg, times, end):
+        return second(*first(key, index, typ, omega, ctab, cov_given, cov_cols, par_given, par_cols, dose_t,
                              dose_per_kg, times), index, times, end)
 
     return run
@@ -418,7 +422,9 @@ def simulate(
     def pad(a):
         return np.concatenate([a, np.repeat(a[-1:], n_pad - n, axis=0)]) if n_pad > n else a
 
-    cov_given, par_given = pad(cov_given), pad(par_given)
+    # only the columns given travel to the device
+    cov_cols, par_cols = np.flatnonzero(cov_mask), np.flatnonzero(par_mask)
+    cov_given, par_given = pad(cov_given[:, cov_cols]), pad(par_given[:, par_cols])
     show = progress if progress is not None else n * len(regimens) >= PROGRESS_MIN_SUBJECTS
     bar = _progress(n_chunks * len(regimens), show, model.name)
 
@@ -436,14 +442,14 @@ def simulate(
 
     results = []
     for reg in regimens:
-        dose_t, per_kg = dosing.dose_table(reg, np.ones(n_pad), slots)
+        (dose_t,), (per_kg,) = dosing.dose_table(reg, np.ones(1), slots)  # the same for every subject
         parts, pending = [], []
         for i in range(n_chunks):
             sl = i * chunk + perm if dealt else slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
-            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_mask,
-                                      par_given[sl], par_mask, dose_t[sl], per_kg[sl], grid, end)))
+            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_cols,
+                                      par_given[sl], par_cols, dose_t, per_kg, grid, end)))
             if len(pending) > IN_FLIGHT:
                 oldest, out = pending.pop(0)
                 parts.append(in_order(out, oldest))
