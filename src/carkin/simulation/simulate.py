@@ -376,8 +376,10 @@ def simulate(
     for k in params or {}:
         if k not in pnames:
             raise InputError(f"model {model.name!r} has no parameter {k!r}; its parameters are {pnames}")
-    cov_given = np.zeros((n, len(cnames)))
-    cov_mask = np.zeros(len(cnames), bool)
+    # the values a user fixed, column by column (only these travel to the device; usually none)
+    cov_cols: list[int] = []
+    par_cols: list[int] = []
+    cov_values, par_values = [], []
     for j, c in enumerate(model.covariates):
         if c.name in covariates:
             v = _per_subject(c.name, covariates[c.name], n)
@@ -390,18 +392,18 @@ def simulate(
             if not np.all((v >= lo) & (v <= hi)):
                 raise InputError(f"covariate {c.name} ({c.description}): {v[(v < lo) | (v > hi)][:5]} {c.unit} is "
                                  f"outside the plausible range [{lo:g}, {hi:g}] {c.unit}; check the value and its unit")
-            cov_given[:, j], cov_mask[j] = v, True
-    par_given = np.zeros((n, len(pnames)))
-    par_mask = np.zeros(len(pnames), bool)
+            cov_cols.append(j)
+            cov_values.append(v)
     for j, prm in enumerate(model.parameters):
         if prm.name in (params or {}):
             assert params is not None  # holds prm.name
             v = _per_subject(prm.name, params[prm.name], n)
             _check_domain(prm, v)
-            par_given[:, j], par_mask[j] = v, True
+            par_cols.append(j)
+            par_values.append(v)
 
     lanes, ensemble_chunk = ensemble_sizes()
-    per_call = {"closed-form": CLOSED_FORM_CHUNK, "ensemble": ensemble_chunk, "fused": ensemble_chunk}.get(
+    per_call = {"closed-form": CLOSED_FORM_CHUNK, **dict.fromkeys(LANE_ENGINES, ensemble_chunk)}.get(
         engine, DEFAULT_CHUNK)
     # the closed form and the ensemble (which skips padding subjects in its loop) pay little for a shape
     # more, and drawing, preparing and observing padding cost the ensemble a fifth of a call (benchmarks/README.md)
@@ -422,9 +424,10 @@ def simulate(
     def pad(a):
         return np.concatenate([a, np.repeat(a[-1:], n_pad - n, axis=0)]) if n_pad > n else a
 
-    # only the columns given travel to the device
-    cov_cols, par_cols = np.flatnonzero(cov_mask), np.flatnonzero(par_mask)
-    cov_given, par_given = pad(cov_given[:, cov_cols]), pad(par_given[:, par_cols])
+    def given(values):
+        return pad(np.stack(values, 1) if values else np.zeros((n, 0)))
+
+    cov_given, par_given = given(cov_values), given(par_values)
     show = progress if progress is not None else n * len(regimens) >= PROGRESS_MIN_SUBJECTS
     bar = _progress(n_chunks * len(regimens), show, model.name)
 
@@ -448,8 +451,8 @@ def simulate(
             sl = i * chunk + perm if dealt else slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
-            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_cols,
-                                      par_given[sl], par_cols, dose_t, per_kg, grid, end)))
+            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], np.asarray(cov_cols, int),
+                                      par_given[sl], np.asarray(par_cols, int), dose_t, per_kg, grid, end)))
             if len(pending) > IN_FLIGHT:
                 oldest, out = pending.pop(0)
                 parts.append(in_order(out, oldest))
