@@ -158,9 +158,7 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
     n_events = ev_t.shape[1]
     t_first = ev_t[:, 0]
     t_end = jnp.maximum(times[:, -1], ev_t[:, -1])
-    # max_steps per segment between events (as diffrax), plus the steps the output times force: a step
-    # covers at most saves_per_step of them, so a dense grid needs n_times / saves_per_step steps at least
-    step_budget = max_steps * (n_events + 1) + -(-n_times // saves_per_step)
+    step_budget = step_limit(max_steps, n_events, n_times, saves_per_step)
     pre = times < t_first[:, None]
     out0 = jnp.where(pre[..., None], base[:, None, :], jnp.nan)
 
@@ -295,6 +293,12 @@ def integrate_ensemble(model: Model, prepared: dict, times, theta, cov_values, *
     carry = (lane0, out0, jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.minimum(lanes, limit))
     _, out, ok, n_steps, _ = jax.lax.while_loop(cond, body, carry)
     return out, ok, n_steps
+
+
+def step_limit(max_steps: int, n_events: int, n_times: int, saves_per_step: int) -> int:
+    """A subject's step budget: ``max_steps`` per segment between events (as diffrax counts), plus the steps
+    its output times force (a step covers at most ``saves_per_step`` of them)."""
+    return max_steps * (n_events + 1) + -(-n_times // saves_per_step)
 
 
 def control(err, finite):

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from carkin.model.kinetics import Model
-from carkin.simulation.ensemble import _A, _C, _D, _E, SAVES_PER_STEP, control, dense_value
+from carkin.simulation.ensemble import _A, _C, _D, _E, SAVES_PER_STEP, control, dense_value, step_limit
 from carkin.simulation.lanewise import lanewise
 
 # Lanes of one kernel program, and the warps that run them: one lane per thread of one warp. A program runs
@@ -68,7 +68,7 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     n_events = ev_t.shape[1]
     last_time = times[-1] if shared else times[:, -1]
     t_end = jnp.maximum(last_time, ev_t[:, -1])
-    budget = max_steps * (n_events + 1) + -(-n_times // saves_per_step)
+    budget = step_limit(max_steps, n_events, n_times, saves_per_step)
     lanes = max(block, min(-(-lanes // block), -(-n // block)) * block)
     # Writes a lane does not make go to its own spare slots past the results (dropped after): on a GPU a
     # masked store writes nothing, but Pallas's interpreter writes every lane, and two lanes must not share one.
