@@ -65,8 +65,10 @@ def test_rows_follow_reshapes_broadcasts_and_reductions():
     def fn(y, s):
         m = jnp.reshape(y, (2, 3)).T  # (3, 2)
         outer = y[:3, None] * y[None, 3:]  # size-1 dimensions stretched by the multiplication itself
+        a, b = jax.lax.unstack(m, axis=1)  # jax 0.11 unpacks ``a, b, ... = y`` with unstack
+        head, tail = jax.lax.split(y, (4, 2))
         return (jnp.sum(m * s, axis=1), jnp.max(y[1:5]), jnp.concatenate([y[:2], jnp.broadcast_to(s, (2,))]),
-                jnp.sum(outer, axis=0) + outer[2])
+                jnp.sum(outer, axis=0) + outer[2], a - 2.0 * b + tail[1] * head[:3])
 
     y = np.arange(6.0)[:, None] * np.array([1.0, -2.0, 0.5])  # 6 values on 3 lanes
     s = np.array([2.0, 3.0, -1.0])
@@ -76,6 +78,7 @@ def test_rows_follow_reshapes_broadcasts_and_reductions():
     np.testing.assert_allclose(got[1], want[1])
     np.testing.assert_allclose(np.stack(got[2], 1), want[2])
     np.testing.assert_allclose(np.stack(got[3], 1), want[3])
+    np.testing.assert_allclose(np.stack(got[4], 1), want[4])
 
 
 def test_an_operation_without_a_row_form_is_named():

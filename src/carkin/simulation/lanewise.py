@@ -25,7 +25,7 @@ ELEMENTWISE = frozenset({
     "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "stop_gradient", "sub", "tan", "tanh", "xor",
 })
 STRUCTURAL = frozenset({"squeeze", "reshape", "expand_dims", "broadcast_in_dim", "slice", "transpose", "concatenate",
-                        "stack", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
+                        "stack", "unstack", "split", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod"})
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
          "remat": "jaxpr", "checkpoint": "jaxpr"}
@@ -146,6 +146,12 @@ def _apply(eqn, ins: list, lane_shape) -> list:
         joined = np.concatenate(parts, axis) if name == "concatenate" else np.stack(parts, axis)
         pool = [r for u in ins for r in u.rows]
         return [_Value(out_shape, [pool[i] for i in joined.reshape(-1)])]
+    if name in ("unstack", "split"):  # several results (jax 0.11 unpacks ``a, b = y`` with unstack)
+        idx = np.arange(len(v.rows)).reshape(v.shape)
+        axis = params["axis"]
+        parts = ([np.take(idx, i, axis) for i in range(v.shape[axis])] if name == "unstack"
+                 else np.split(idx, np.cumsum(params["sizes"])[:-1], axis))
+        return [_Value(part.shape, [v.rows[i] for i in part.reshape(-1)]) for part in parts]
     if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod"):
         op = {"reduce_sum": jax.lax.add, "reduce_max": jax.lax.max, "reduce_min": jax.lax.min,
               "reduce_prod": jax.lax.mul}[name]
