@@ -22,8 +22,9 @@ from test_ensemble import (
 
 import carkin as ck
 from carkin.simulation.ensemble import prepare_ensemble
-from carkin.simulation.fused import integrate_fused
+from carkin.simulation.fused import integrate_fused, on_gpu
 from carkin.simulation.lanewise import NotLanewise, lanewise
+from carkin.simulation.simulate import choose_engine
 
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call XLA runs a Triton kernel through
 
@@ -97,6 +98,25 @@ def test_simulate_names_a_model_the_fused_engine_cannot_run():
 
     with pytest.raises(ck.errors.InputError, match="engine='fused' cannot run model 'sorted_field'.*'sort'"):
         ck.simulate(Sorted(), ck.split(1e7), TIMES, engine="fused")
+    assert choose_engine(Sorted(), "auto", False, gpu=True) == "ensemble"  # auto falls back on a GPU
+
+
+def test_auto_takes_the_fused_kernel_on_a_gpu_only():
+    cart, stein = ck.load_model("cd7_cart"), ck.load_model("stein_2019")
+    assert choose_engine(cart, "auto", False, gpu=True) == "fused"
+    assert choose_engine(cart, "auto", True, gpu=True) == "fused"
+    assert choose_engine(cart, "auto", False, gpu=False) == "ensemble"
+    assert choose_engine(stein, "auto", False, gpu=True) == "closed-form"
+    assert choose_engine(stein, "auto", True, gpu=True) == "fused"
+    assert choose_engine(cart, "auto", False) == "ensemble"  # this machine has no GPU
+
+
+def test_where_computations_go_decides_gpu_or_not():
+    assert not on_gpu()
+    with jax.default_device("gpu"):  # a platform named for the device (a GPU host's jax.default_device)
+        assert on_gpu()
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert not on_gpu()
 
 
 def _check_against_diffrax(name, n=6, lanes=8, block=4):

@@ -157,9 +157,10 @@ def add_parser(sub, fmt) -> None:
                    help="product type, for models that have one (cd7_cart: naturally_selected, knockout, pebl, "
                         "unedited)")
     p.add_argument("--engine", choices=("auto", "closed-form", "ensemble", "fused", "diffrax"), default="auto",
-                   help="how the model is solved: its closed form where it has one, else the ensemble ODE solver "
-                        "(auto, the default); the ensemble's method as one GPU kernel (fused; interpreted on a CPU, "
-                        "for checking); or the vmapped diffrax solve (the reference)")
+                   help="how the model is solved: its closed form where it has one, else the ensemble ODE solver, "
+                        "on a GPU as one kernel (auto, the default); the ensemble solver (ensemble); its one-kernel "
+                        "form (fused; interpreted on a CPU, for checking); or the vmapped diffrax solve (the "
+                        "reference)")
     p.add_argument("--out", metavar="FILE.nc",
                    help="write FILE.nc, FILE_nca.csv and FILE.png (parent folders are created); "
                         "without it only the summary is printed")

@@ -44,15 +44,16 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
     """States at ``times`` for N prepared subjects (:func:`carkin.simulation.ensemble.prepare_ensemble`),
     solved by one kernel on ``lanes`` lanes in programs of ``block`` lanes. Arguments and result as
     :func:`carkin.simulation.ensemble.integrate_ensemble`'s: ``(ys, ok, n_steps)``, ``ys`` (N, T,
-    n_states); subjects from ``n_active`` on are left unsolved (``ok`` False). ``interpret`` (default:
-    on JAX's default backend a CPU) runs the kernel in Pallas's interpreter. ``block`` must be a power of two.
+    n_states); subjects from ``n_active`` on are left unsolved (``ok`` False). ``interpret`` (default: when
+    computations do not go to a GPU, :func:`on_gpu`) runs the kernel in Pallas's interpreter. ``block``
+    must be a power of two.
     ``hold_parameters``: a lane keeps its subject's parameters and covariates in registers (True) or reads
     them from memory at each step (False: fewer registers held through the loop; the same numbers)."""
     s = model.solver
     rtol = float(s.rtol if rtol is None else rtol)
     atol = float(s.atol if atol is None else atol)
     max_steps = int(s.max_steps if max_steps is None else max_steps)
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    interpret = not on_gpu() if interpret is None else interpret
     theta, cov_values = jnp.asarray(theta, float), jnp.asarray(cov_values, float)
     n, n_par = theta.shape
     n_cov = cov_values.shape[1]
@@ -225,6 +226,14 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
 def _gather(ref, index, mask=None):
     """Values of a flat array in memory at ``index`` (a row), 0 where ``mask`` is False."""
     return plt.load(ref.at[index], mask=mask, other=None if mask is None else 0)
+
+
+def on_gpu() -> bool:
+    """Whether computations go to a GPU now: the device ``jax.default_device`` names (a context or the
+    config), else JAX's default backend. (Under ``jax.default_device(cpu)`` on a GPU host, the CPU.)"""
+    device = jax.config.jax_default_device
+    platform = jax.default_backend() if device is None else device if isinstance(device, str) else device.platform
+    return platform in ("gpu", "cuda", "rocm")
 
 
 @functools.lru_cache(maxsize=16)

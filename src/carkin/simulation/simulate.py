@@ -46,7 +46,7 @@ ENSEMBLE_CHUNK = 8192  # per device; padding subjects are never solved, so a lar
 GPU_LANES = 1 << 16
 GPU_CHUNK = 1 << 20
 MAX_CHUNK = 1 << 24  # a chunk_size the user gives: beyond this one call's arrays outgrow any device
-# "fused": the ensemble method as one GPU kernel (carkin.simulation.fused); opt-in until measured on a GPU
+# "fused": the ensemble method as one GPU kernel (carkin.simulation.fused); "auto" takes it on a GPU
 ENGINES = ("auto", "closed-form", "ensemble", "fused", "diffrax")
 LANE_ENGINES = ("ensemble", "fused")  # engines that solve on lanes with refill (chunks of many lanes' worth)
 IN_FLIGHT = 4  # chunks dispatched ahead of the one being fetched
@@ -106,10 +106,13 @@ def parse_times(times) -> np.ndarray:
     return grid
 
 
-def choose_engine(model: Model, engine: str, include_states: bool) -> str:
-    """The engine that runs a simulation: the model's closed form where it has one (exact, and some
-    hundred times quicker than integrating), else the ensemble ODE solver (lanes with their own clocks
-    and refill; several times quicker than the vmapped diffrax solve, benchmarks/README.md)."""
+def choose_engine(model: Model, engine: str, include_states: bool, gpu: bool | None = None) -> str:
+    """The engine that runs a simulation, on a GPU or not (``gpu``; default: where computations go now,
+    carkin.simulation.fused.on_gpu). ``"auto"``: the model's closed
+    form where it has one (exact, and some hundred times quicker than integrating); else, on a GPU, the
+    fused kernel (the ensemble's method as one kernel: 10x quicker than the XLA ensemble there), and
+    elsewhere, or for a model the kernel cannot run, the ensemble ODE solver (lanes with their own clocks
+    and refill; several times quicker than the vmapped diffrax solve). Figures: benchmarks/README.md."""
     if engine not in ENGINES:
         raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "closed-form" and not model.has_closed_form:
@@ -117,16 +120,29 @@ def choose_engine(model: Model, engine: str, include_states: bool) -> str:
     if engine == "closed-form" and include_states:
         raise InputError("the closed form gives observables only; use engine='diffrax' with include_states=True")
     if engine == "auto":
-        return "closed-form" if model.has_closed_form and not include_states else "ensemble"
-    if engine == "fused":
-        from carkin.simulation.fused import row_functions
-        from carkin.simulation.lanewise import NotLanewise
+        if model.has_closed_form and not include_states:
+            return "closed-form"
+        if gpu is None:
+            from carkin.simulation.fused import on_gpu  # Pallas is imported only when asked
 
-        try:
-            row_functions(model)
-        except NotLanewise as e:
-            raise InputError(f"engine='fused' cannot run model {model.name!r}: {e}; use engine='ensemble'") from None
+            gpu = on_gpu()
+        return "fused" if gpu and _fused_runs(model) is None else "ensemble"
+    if engine == "fused" and (why := _fused_runs(model)) is not None:
+        raise InputError(f"engine='fused' cannot run model {model.name!r}: {why}; use engine='ensemble'")
     return engine
+
+
+def _fused_runs(model: Model) -> str | None:
+    """None if the fused kernel can run ``model``, else why not (an operation of its functions without a
+    row form)."""
+    from carkin.simulation.fused import row_functions
+    from carkin.simulation.lanewise import NotLanewise
+
+    try:
+        row_functions(model)
+    except NotLanewise as e:
+        return str(e)
+    return None
 
 
 @functools.lru_cache(maxsize=SOLVER_CACHE_SIZE)
@@ -335,7 +351,8 @@ def simulate(
     adds simulated measurements of every observable with an assay (``<name>_measured`` with
     the model's residual error, NaN below the LLOQ, and ``<name>_blq``; see carkin.measure).
     ``engine``: ``"auto"`` evaluates the model's closed form where it has one (stein_2019) and
-    integrates with the ensemble solver otherwise (carkin.simulation.ensemble); ``"closed-form"``,
+    integrates otherwise, on a GPU with the fused kernel, elsewhere with the ensemble solver
+    (carkin.simulation.ensemble); ``"closed-form"``,
     ``"ensemble"``, ``"fused"`` (the ensemble's method as one GPU kernel, carkin.simulation.fused; on a
     CPU it runs interpreted, for checking only) or ``"diffrax"`` (the vmapped diffrax solve, the
     reference) choose (the closed form gives no states). The Dataset's ``engine`` attribute says which ran.
