@@ -231,7 +231,7 @@ def _gather(ref, index, mask=None):
 def on_gpu() -> bool:
     """Whether computations go to a GPU now: the device ``jax.default_device`` names (a context or the
     config), else JAX's default backend. (Under ``jax.default_device(cpu)`` on a GPU host, the CPU.)"""
-    device = jax.config.jax_default_device
+    device = getattr(jax.config, "jax_default_device", None)  # set by jax.default_device (a context or the config)
     platform = jax.default_backend() if device is None else device if isinstance(device, str) else device.platform
     return platform in ("gpu", "cuda", "rocm")
 
