@@ -180,7 +180,7 @@ def test_derivatives_are_carried_for_the_free_parameters_alone():
     assert np.all(np.asarray(d_held) == 0.0)  # d_m is held: no derivative flows to it
 
 
-@pytest.mark.parametrize("saves_per_step", [1, 4])
+@pytest.mark.parametrize("saves_per_step", [pytest.param(1, marks=pytest.mark.slow), 4])  # 1: the fit's layout
 def test_repeated_output_times_before_a_later_dose_are_written(saves_per_step):
     """A padded grid repeats a subject's last sample time; when a dose comes after it, the repeats lie
     inside the solve. They get the state at that time (not a stalled solve that runs out of steps),

@@ -35,6 +35,7 @@ def test_ode_matches_closed_form(stein):
     assert ds["car_copies"].attrs["units"] == "copies/µg gDNA"
 
 
+@pytest.mark.slow  # the default set compares a population with the closed form below (tighter, three regimens)
 def test_population_subjects_match_their_closed_form(stein):
     ds = ck.simulate(stein, ck.single(1e6), times=[0.0] + CHECK_DAYS, n_subjects=50, seed=3, engine="diffrax")
     assert not ds["failed"].any()
