@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import carkin as ck
+from carkin.config import on_gpu
 from carkin.model import dosing
 from carkin.simulation.ensemble import (
     REFILL_BATCH,
@@ -110,7 +111,7 @@ def test_simulate_defaults_to_the_ensemble_and_is_reproducible_across_chunks_and
     model = ck.load_model("cd7_cart")
     kw = dict(times=TIMES, n_subjects=80, seed=7, include_states=True, progress=False)
     whole = ck.simulate(model, ck.split(1e7), **kw)  # 1 chunk on 2 devices
-    assert whole.attrs["engine"] == "ensemble" and not whole["failed"].any()
+    assert whole.attrs["engine"] == ("fused" if on_gpu() else "ensemble") and not whole["failed"].any()
     # The solve itself is bit-identical whatever the chunking and device count (every subject goes
     # through the same fixed-width lanes); observables computed from the states over a chunk may round
     # the last bit differently, as the README says of the default layout.

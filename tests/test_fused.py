@@ -21,8 +21,9 @@ from test_ensemble import (
 )
 
 import carkin as ck
+from carkin.config import on_gpu
 from carkin.simulation.ensemble import prepare_ensemble
-from carkin.simulation.fused import integrate_fused, on_gpu
+from carkin.simulation.fused import integrate_fused
 from carkin.simulation.lanewise import NotLanewise, lanewise
 from carkin.simulation.simulate import choose_engine
 

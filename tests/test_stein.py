@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import carkin as ck
+from carkin.config import on_gpu
 from carkin.errors import InputError
 from carkin.solve import solve_subject
 
@@ -62,7 +63,8 @@ def test_simulate_uses_the_closed_form_and_it_equals_a_tight_ode_solve(stein):
 
 def test_engine_choice_is_checked(stein):
     states = ck.simulate(stein, ck.single(1e6), [0.0, 14.0], include_states=True)
-    assert states.attrs["engine"] == "ensemble"  # the closed form has no states: the ODE solve runs
+    # the closed form has no states: the ODE solve runs (on a GPU as the fused kernel)
+    assert states.attrs["engine"] == ("fused" if on_gpu() else "ensemble")
     for engine, match in (("closed-form", "no closed form"), ("euler", "not one of")):
         with pytest.raises(InputError, match=match):
             ck.simulate(ck.load_model("cd7_cart"), ck.single(1e6), [0.0, 14.0], engine=engine)

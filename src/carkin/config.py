@@ -25,6 +25,20 @@ from carkin.errors import InputError
 CACHE_MIN_COMPILE_S = 0.5
 
 
+def compute_platform() -> str:
+    """The platform computations go to now: that of the device ``jax.default_device`` names (a context or
+    the config), else JAX's default backend. (Under ``jax.default_device(cpu)`` on a GPU host: ``"cpu"``.)"""
+    device = getattr(jax.config, "jax_default_device", None)  # not declared in the config's typed interface
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
+def on_gpu() -> bool:
+    """Whether computations go to a GPU now (:func:`compute_platform`)."""
+    return compute_platform() in ("gpu", "cuda", "rocm")
+
+
 def enable_x64() -> None:
     """Switch JAX to 64-bit floats (done on import; see the module docstring for why)."""
     jax.config.update("jax_enable_x64", True)

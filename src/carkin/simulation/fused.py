@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from carkin.config import on_gpu
 from carkin.model.kinetics import Model
 from carkin.simulation.ensemble import _A, _C, _D, _E, SAVES_PER_STEP, control, dense_value, step_limit
 from carkin.simulation.lanewise import lanewise
@@ -226,14 +227,6 @@ def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, r
 def _gather(ref, index, mask=None):
     """Values of a flat array in memory at ``index`` (a row), 0 where ``mask`` is False."""
     return plt.load(ref.at[index], mask=mask, other=None if mask is None else 0)
-
-
-def on_gpu() -> bool:
-    """Whether computations go to a GPU now: the device ``jax.default_device`` names (a context or the
-    config), else JAX's default backend. (Under ``jax.default_device(cpu)`` on a GPU host, the CPU.)"""
-    device = getattr(jax.config, "jax_default_device", None)  # set by jax.default_device (a context or the config)
-    platform = jax.default_backend() if device is None else device if isinstance(device, str) else device.platform
-    return platform in ("gpu", "cuda", "rocm")
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from carkin.config import compute_platform, on_gpu
 from carkin.errors import InputError, InputTypeError
 from carkin.guards import check_memory, check_seed, check_whole
 from carkin.model import dosing, population
@@ -108,9 +109,9 @@ def parse_times(times) -> np.ndarray:
 
 def choose_engine(model: Model, engine: str, include_states: bool, gpu: bool | None = None) -> str:
     """The engine that runs a simulation, on a GPU or not (``gpu``; default: where computations go now,
-    carkin.simulation.fused.on_gpu). ``"auto"``: the model's closed
+    carkin.config.on_gpu). ``"auto"``: the model's closed
     form where it has one (exact, and some hundred times quicker than integrating); else, on a GPU, the
-    fused kernel (the ensemble's method as one kernel: 10x quicker than the XLA ensemble there), and
+    fused kernel (the ensemble's method as one kernel: its solve 9-10x quicker than the XLA ensemble's there), and
     elsewhere, or for a model the kernel cannot run, the ensemble ODE solver (lanes with their own clocks
     and refill; several times quicker than the vmapped diffrax solve). Figures: benchmarks/README.md."""
     if engine not in ENGINES:
@@ -122,10 +123,7 @@ def choose_engine(model: Model, engine: str, include_states: bool, gpu: bool | N
     if engine == "auto":
         if model.has_closed_form and not include_states:
             return "closed-form"
-        if gpu is None:
-            from carkin.simulation.fused import on_gpu  # Pallas is imported only when asked
-
-            gpu = on_gpu()
+        gpu = on_gpu() if gpu is None else gpu
         return "fused" if gpu and _fused_runs(model) is None else "ensemble"
     if engine == "fused" and (why := _fused_runs(model)) is not None:
         raise InputError(f"engine='fused' cannot run model {model.name!r}: {why}; use engine='ensemble'")
@@ -233,9 +231,10 @@ def _compiled(fn, in_axes, n_devices: int, options: dict | None = None):
 
 
 def ensemble_sizes() -> tuple[int, int]:
-    """(lanes, subjects per call per device) of the ensemble engine on JAX's default backend: a
-    CPU keeps a few vector widths of lanes busy; a GPU needs a lane for each of its threads."""
-    if jax.default_backend() == "cpu":
+    """(lanes, subjects per call per device) of the ensemble engine where computations go
+    (carkin.config.compute_platform): a CPU keeps a few vector widths of lanes busy; a GPU needs a lane
+    for each of its threads."""
+    if compute_platform() == "cpu":
         return ENSEMBLE_LANES, ENSEMBLE_CHUNK
     return GPU_LANES, GPU_CHUNK
 
