@@ -109,11 +109,11 @@ def parse_times(times) -> np.ndarray:
 
 def choose_engine(model: Model, engine: str, include_states: bool, gpu: bool | None = None) -> str:
     """The engine that runs a simulation, on a GPU or not (``gpu``; default: where computations go now,
-    carkin.config.on_gpu). ``"auto"``: the model's closed
-    form where it has one (exact, and some hundred times quicker than integrating); else, on a GPU, the
-    fused kernel (the ensemble's method as one kernel: its solve 9-10x quicker than the XLA ensemble's there), and
-    elsewhere, or for a model the kernel cannot run, the ensemble ODE solver (lanes with their own clocks
-    and refill; several times quicker than the vmapped diffrax solve). Figures: benchmarks/README.md."""
+    carkin.config.on_gpu). ``"auto"``: the model's closed form where it has one (exact, and some hundred
+    times quicker than integrating); else, on a GPU, the fused kernel (the ensemble's method as one
+    kernel: its solve 9-10x the XLA ensemble's on an H200 and an H100), and elsewhere, or for a model the
+    kernel cannot run, the ensemble ODE solver (lanes with their own clocks and refill; several times
+    quicker than the vmapped diffrax solve). Figures: benchmarks/README.md."""
     if engine not in ENGINES:
         raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "closed-form" and not model.has_closed_form:
