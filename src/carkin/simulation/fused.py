@@ -40,7 +40,7 @@ INDEX_LIMIT = 2**31 - 1  # flat offsets beyond this need 64-bit index arithmetic
 
 def integrate_fused(model: Model, prepared: dict, times, theta, cov_values, *, rtol=None, atol=None,
                     max_steps=None, lanes: int = 1 << 16, n_active=None, saves_per_step: int = SAVES_PER_STEP,
-                    block: int = BLOCK, warps: int = WARPS, hold_parameters: bool = True,
+                    block: int = BLOCK, warps: int = WARPS, hold_parameters: bool = False,
                     interpret: bool | None = None):
     """States at ``times`` for N prepared subjects (:func:`carkin.simulation.ensemble.prepare_ensemble`),
     solved by one kernel on ``lanes`` lanes in programs of ``block`` lanes. Arguments and result as
