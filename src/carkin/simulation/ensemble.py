@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from carkin.config import compute_platform
 from carkin.model.kinetics import Model
 from carkin.simulation.solve import event_table
 
@@ -318,9 +319,10 @@ def dense_value(u, y, y_diff, b, r4, r5):
 
 
 def compiler_options() -> dict | None:
-    """Options for ``jax.jit`` of a program built around :func:`solve_ensemble` on JAX's default backend
-    (CPU_COMPILER_OPTIONS on a CPU whose XLA knows them; None, XLA's defaults, elsewhere)."""
-    if jax.default_backend() != "cpu" or not _cpu_options_known(CPU_COMPILER_OPTIONS):
+    """Options for ``jax.jit`` of a program built around :func:`solve_ensemble` where computations go
+    (carkin.config.compute_platform): CPU_COMPILER_OPTIONS on a CPU whose XLA knows them; None, XLA's
+    defaults, elsewhere."""
+    if compute_platform() != "cpu" or not _cpu_options_known(CPU_COMPILER_OPTIONS):
         return None
     return dict(CPU_COMPILER_OPTIONS)
 

@@ -444,6 +444,7 @@ def simulate(
         return pad(np.stack(values, 1) if values else np.zeros((n, 0)))
 
     cov_given, par_given = given(cov_values), given(par_values)
+    cov_idx, par_idx = np.asarray(cov_cols, int), np.asarray(par_cols, int)  # as the solver takes them
     show = progress if progress is not None else n * len(regimens) >= PROGRESS_MIN_SUBJECTS
     bar = _progress(n_chunks * len(regimens), show, model.name)
 
@@ -467,8 +468,8 @@ def simulate(
             sl = i * chunk + perm if dealt else slice(i * chunk, (i + 1) * chunk)
             # Dispatch is asynchronous: keep a few chunks in flight so devices overlap,
             # and fetch the oldest so host memory stays bounded.
-            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], np.asarray(cov_cols, int),
-                                      par_given[sl], np.asarray(par_cols, int), dose_t, per_kg, grid, end)))
+            pending.append((i, solver(key, index[sl], typ, omega, ctab, cov_given[sl], cov_idx,
+                                      par_given[sl], par_idx, dose_t, per_kg, grid, end)))
             if len(pending) > IN_FLIGHT:
                 oldest, out = pending.pop(0)
                 parts.append(in_order(out, oldest))
